@@ -1,0 +1,1 @@
+"""Checkpoint I/O: safetensors files, HF / official tensor names, pretrained load and save."""

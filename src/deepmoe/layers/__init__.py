@@ -1,0 +1,1 @@
+"""Pure layer functions `f(params, cfg, x, ...) -> y`, one concern per module."""

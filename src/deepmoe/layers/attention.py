@@ -1,0 +1,97 @@
+"""Hybrid attention (spec §6): sliding-window (SWA), compressed sparse (CSA) and heavily compressed (HCA) layers.
+
+One shared 512-d K=V head (MQA), low-rank queries with a per-head unweighted norm, partial interleaved RoPE,
+a learned per-head sink in the softmax denominator, output de-rotation and a grouped output projection.
+
+The window part is computed block-wise (query block i attends to key blocks i-1 and i), so memory is
+O(T * window) rather than O(T^2); compressed entries are scored densely against a visibility mask
+(T * T/ratio), which is what the Pallas kernels of `pallas_kernels` avoid at long context.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from deepmoe.config import CSA, SLIDING, ModelConfig
+from deepmoe.layers.compressor import compress, visible
+from deepmoe.layers.indexer import csa_selection
+from deepmoe.layers.norms import rms_norm
+from deepmoe.layers.precision import compute_dtype, einsum
+from deepmoe.layers.rope import apply_rope, inverse_frequencies
+
+NEG_INF = -1e30  # finite, so fully masked rows stay NaN-free
+
+
+def _blocks(x: jax.Array, block: int, fill) -> jax.Array:
+    """[B, T, ...] -> [B, T/block, block, ...] after padding T up to a multiple of block."""
+    pad = -x.shape[1] % block
+    if pad:
+        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:])
+
+
+def _with_previous_block(x: jax.Array, fill) -> jax.Array:
+    """[B, nb, W, ...] -> [B, nb, 2W, ...]: each block preceded by the one before it."""
+    previous = jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.concatenate([previous, x], axis=2)
+
+
+def sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: jax.Array, sinks: jax.Array,
+                   entries: jax.Array | None = None, entry_mask: jax.Array | None = None) -> jax.Array:
+    """Softmax attention over window keys (+ compressed entries) with a per-head sink.
+
+    q [B, T, H, c]; kv [B, T, c] (keys are values); segment_ids [B, T]; sinks [H];
+    entries [B, N, c] with entry_mask [B, T, N] (which entries each query may use). -> [B, T, H, c]
+    """
+    b, t, h, c = q.shape
+    w = cfg.sliding_window
+    scale = c ** -0.5
+    q_blocks = _blocks(q, w, 0)  # [B, nb, W, H, c]
+    k_blocks = _with_previous_block(_blocks(kv, w, 0), 0)  # [B, nb, 2W, c]
+    index = jnp.arange(q_blocks.shape[1] * w).reshape(-1, w)
+    q_index = index[None, :, :, None]  # query row index
+    k_index = jnp.concatenate([index - w, index], axis=1)[None, :, None, :]  # [1, nb, 1, 2W]
+    seg_q = _blocks(segment_ids, w, -1)[..., :, None]  # [B, nb, W, 1]
+    seg_k = _with_previous_block(_blocks(segment_ids, w, -2), -2)[:, :, None, :]  # [B, nb, 1, 2W]
+    window_mask = (k_index <= q_index) & (k_index > q_index - w) & (k_index >= 0) & (seg_q == seg_k)
+    logits = einsum(cfg, "bnqhc,bnkc->bnqhk", q_blocks, k_blocks).astype(jnp.float32) * scale
+    logits = jnp.where(window_mask[:, :, :, None, :], logits, NEG_INF)
+    if entries is not None:
+        entry_logits = einsum(cfg, "bthc,bnc->bthn", q, entries).astype(jnp.float32) * scale
+        entry_logits = jnp.where(entry_mask[:, :, None, :], entry_logits, NEG_INF)
+        logits = jnp.concatenate([logits, _blocks(entry_logits, w, NEG_INF)], axis=-1)
+    sink = sinks.astype(jnp.float32)[:, None]  # [H, 1]
+    peak = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
+    probs = jnp.exp(logits - peak)
+    probs = probs / (jnp.sum(probs, axis=-1, keepdims=True) + jnp.exp(sink - peak))
+    out = einsum(cfg, "bnqhk,bnkc->bnqhc", probs[..., :2 * w], k_blocks)
+    if entries is not None:
+        out = out + einsum(cfg, "bnqhk,bkc->bnqhc", probs[..., 2 * w:], entries)
+    return out.reshape(b, -1, h, c)[:, :t]
+
+
+def attention(params: dict, cfg: ModelConfig, layer_type: str, x: jax.Array, positions: jax.Array,
+              segment_ids: jax.Array) -> jax.Array:
+    """x [B, T, D] (normed attention input) -> [B, T, D]."""
+    inv_freq = inverse_frequencies(cfg, layer_type)
+    query_latent = rms_norm(einsum(cfg, "btd,dr->btr", x, params["q_down"]), params["q_norm"], cfg.rms_norm_eps)
+    q = einsum(cfg, "btr,rhc->bthc", query_latent, params["q_up"])
+    q = apply_rope(rms_norm(q, None, cfg.rms_norm_eps), positions[..., None], inv_freq)
+    kv = rms_norm(einsum(cfg, "btd,dc->btc", x, params["kv_proj"]), params["kv_norm"], cfg.rms_norm_eps)
+    kv = apply_rope(kv, positions, inv_freq)
+
+    entries = entry_mask = None
+    if layer_type != SLIDING:
+        compressed = compress(params["compressor"], cfg, x, positions, segment_ids,
+                              ratio=cfg.compress_ratio(layer_type), overlap=layer_type == CSA, inv_freq=inv_freq)
+        entries = compressed.values.astype(kv.dtype)
+        entry_mask = visible(compressed, segment_ids)
+        if layer_type == CSA:
+            entry_mask = entry_mask & csa_selection(params["indexer"], cfg, x, query_latent, positions,
+                                                    segment_ids, inv_freq)
+    out = sink_attention(cfg, q, kv, segment_ids, params["sinks"], entries, entry_mask)
+    out = apply_rope(out, positions[..., None], inv_freq, inverse=True)
+    grouped = out.reshape(*out.shape[:2], cfg.output_groups, cfg.output_group_input_dim)
+    latent = einsum(cfg, "btgi,gil->btgl", grouped, params["o_group_proj"])
+    return einsum(cfg, "btgl,gld->btd", latent, params["o_proj"]).astype(compute_dtype(cfg))

@@ -1,0 +1,58 @@
+"""Manifold-constrained hyper-connections (mHC, spec §5), all mixing math in float32.
+
+The residual is `n` parallel streams X [B, T, n, D]. Each sub-block reads a sigmoid-weighted mix of the streams
+(`pre`), writes its output into every stream with a gain (`post`), and mixes the streams through a doubly
+stochastic matrix (`comb`, Sinkhorn-normalised) so the residual map is non-expansive.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from deepmoe.config import ModelConfig
+from deepmoe.layers.precision import einsum_f32
+
+
+def _mix(params: dict, cfg: ModelConfig, streams: jax.Array) -> jax.Array:
+    """Linear(UnweightedRMSNorm(flattened streams)) -> [B, T, outputs] float32."""
+    flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
+    inv_rms = jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    return einsum_f32("...i,io->...o", flat, params["fn"]) * inv_rms
+
+
+def sinkhorn(logits: jax.Array, iterations: int, eps: float) -> jax.Array:
+    """Row softmax, then a column normalisation, then `iterations - 1` (row, column) rounds. [..., n, n]."""
+    m = jax.nn.softmax(logits, axis=-1) + eps
+    m = m / (m.sum(-2, keepdims=True) + eps)
+    for _ in range(iterations - 1):
+        m = m / (m.sum(-1, keepdims=True) + eps)
+        m = m / (m.sum(-2, keepdims=True) + eps)
+    return m
+
+
+def hc_pre(params: dict, cfg: ModelConfig, streams: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """streams [B,T,n,D] -> (sub-block input [B,T,D], post gains [B,T,n], comb matrix [B,T,n,n])."""
+    n = cfg.residual_streams
+    mix = _mix(params, cfg, streams)
+    scale, base = params["scale"].astype(jnp.float32), params["base"].astype(jnp.float32)
+    pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + cfg.hc_eps
+    post = 2.0 * jax.nn.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
+    comb_logits = (mix[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*mix.shape[:-1], n, n)
+    comb = sinkhorn(comb_logits, cfg.sinkhorn_iterations, cfg.hc_eps)
+    x_in = jnp.einsum("...j,...jd->...d", pre, streams.astype(jnp.float32))
+    return x_in.astype(streams.dtype), post, comb
+
+
+def hc_post(output: jax.Array, streams: jax.Array, post: jax.Array, comb: jax.Array) -> jax.Array:
+    """X_new[k] = post[k] * F(x) + sum_j comb[j, k] * X[j]  (the sum runs over comb's first index)."""
+    mixed = jnp.einsum("...jk,...jd->...kd", comb, streams.astype(jnp.float32))
+    new = post[..., None] * output.astype(jnp.float32)[..., None, :] + mixed
+    return new.astype(streams.dtype)
+
+
+def hc_head(params: dict, cfg: ModelConfig, streams: jax.Array) -> jax.Array:
+    """Final reduction of the streams: sigmoid-weighted sum, no Sinkhorn. -> [B, T, D]."""
+    mix = _mix({"fn": params["fn"]}, cfg, streams)
+    weights = jax.nn.sigmoid(mix * params["scale"].astype(jnp.float32) + params["base"]) + cfg.hc_eps
+    return jnp.einsum("...j,...jd->...d", weights, streams.astype(jnp.float32)).astype(streams.dtype)

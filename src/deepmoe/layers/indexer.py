@@ -1,0 +1,49 @@
+"""Lightning indexer (spec §6.7): which compressed entries each CSA query attends to.
+
+I[t, s] = sum_h w[t, h] * ReLU(q[t, h] . k[s]) / sqrt(c_I), over causally visible entries; the top-k entries per
+query are selected. Selection is discrete, so the indexer receives no gradient from the language-model loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepmoe.config import ModelConfig
+from deepmoe.layers.compressor import compress, visible
+from deepmoe.layers.precision import einsum_f32
+from deepmoe.layers.rope import apply_rope
+
+
+def index_scores(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """-> (scores [B, T, N] float32 with -inf where not visible, visibility mask [B, T, N])."""
+    keys = compress(params["compressor"], cfg, x, positions, segment_ids, ratio=cfg.csa_compress_ratio,
+                    overlap=True, inv_freq=inv_freq)
+    q = einsum_f32("btc,chd->bthd", query_latent, params["q_up"])
+    q = apply_rope(q, positions[..., None], inv_freq)
+    head_weights = einsum_f32("btd,dh->bth", x, params["weights_proj"]) * cfg.indexer_heads ** -0.5
+    logits = jax.nn.relu(jnp.einsum("bthd,bnd->bthn", q, keys.values, precision=jax.lax.Precision.HIGHEST))
+    scores = jnp.einsum("bthn,bth->btn", logits, head_weights) * cfg.indexer_head_dim ** -0.5
+    mask = visible(keys, segment_ids)
+    return jnp.where(mask, scores, -jnp.inf), mask
+
+
+def select_topk(scores: jax.Array, mask: jax.Array, k: int) -> jax.Array:
+    """[B, T, N] bool: the top-k visible entries per query (all visible ones when fewer than k)."""
+    num_entries = scores.shape[-1]
+    k = min(k, num_entries)
+    if k == 0:
+        return mask
+    _, chosen = jax.lax.top_k(scores, k)  # ties go to the lower index
+    selected = jnp.zeros(scores.shape, bool)
+    selected = jnp.put_along_axis(selected, chosen, True, axis=-1, inplace=False)
+    return selected & mask
+
+
+def csa_selection(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax.Array, positions: jax.Array,
+                  segment_ids: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    scores, mask = index_scores(params, cfg, x, query_latent, positions, segment_ids, inv_freq)
+    return select_topk(jax.lax.stop_gradient(scores), mask, cfg.indexer_topk)
+

@@ -1,0 +1,97 @@
+"""The whole model: embed -> mHC streams -> decoder blocks (scanned per segment) -> HC head -> logits; MTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from deepmoe.config import ModelConfig
+from deepmoe.layers.block import block
+from deepmoe.layers.documents import document_positions
+from deepmoe.layers.hyper import hc_head
+from deepmoe.layers.mtp import mtp_hidden
+from deepmoe.layers.norms import rms_norm
+from deepmoe.layers.precision import compute_dtype, einsum_f32
+from deepmoe.params import layer_segments
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@struct.dataclass
+class ModelOutput:
+    logits: jax.Array  # [B, T, V] float32
+    mtp_logits: jax.Array | None  # [B, T, V] float32: position t predicts token t+2
+    aux: dict[str, Any]  # router statistics per layer: expert_counts [L, B, E], mean_affinity [L, B, E]; mtp_*
+
+
+def _check_inputs(cfg: ModelConfig, input_ids: jax.Array) -> None:
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    if not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
+    if not isinstance(input_ids, jax.core.Tracer):
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= cfg.vocab_size:
+            raise ValueError(f"token id out of range: ids span [{low}, {high}] but vocab_size={cfg.vocab_size}")
+
+
+def _run_segments(params: dict, cfg: ModelConfig, streams, token_ids, positions, segment_ids, moe_strategy, remat):
+    stats_per_layer: list[tuple[int, dict]] = []
+    for segment, seg_params in zip(layer_segments(cfg), params["segments"]):
+
+        def body(carry, layer_params, segment=segment):
+            outs = []
+            for (attn_type, _), p in zip(segment.kinds, layer_params):
+                carry, stats = block(p, cfg, attn_type, carry, token_ids, positions, segment_ids, moe_strategy)
+                outs.append(stats)
+            return carry, outs
+
+        if REMAT_POLICIES.get(remat, "missing") == "missing":
+            raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        streams, outs = jax.lax.scan(body, streams, seg_params)
+        for position, stats in enumerate(outs):  # stats: [repeats, B, E] each
+            for r in range(segment.repeats):
+                stats_per_layer.append((segment.layer_index(r, position), jax.tree.map(lambda s: s[r], stats)))
+    stats_per_layer.sort(key=lambda item: item[0])
+    aux = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in stats_per_layer])
+    return streams, aux
+
+
+def logits_from_hidden(params: dict, hidden: jax.Array) -> jax.Array:
+    """[B, T, D] normed hidden -> [B, T, V] float32 (the head runs in float32)."""
+    return einsum_f32("btd,dv->btv", hidden, params["lm_head"])
+
+
+def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
+            positions: jax.Array | None = None, mtp: bool = True, moe_strategy: str = "sorted",
+            remat: str = "none") -> ModelOutput:
+    """Full-sequence forward. input_ids [B, T] int; segment_ids [B, T] marks packed documents (attention and
+    compression never cross them); positions default to the index inside each document."""
+    _check_inputs(cfg, input_ids)
+    if segment_ids is None:
+        segment_ids = jnp.zeros(input_ids.shape, jnp.int32)
+    if positions is None:
+        positions = document_positions(segment_ids)
+    dtype = compute_dtype(cfg)
+    h0 = params["embed"][input_ids].astype(dtype)
+    streams = jnp.broadcast_to(h0[:, :, None, :], (*h0.shape[:2], cfg.residual_streams, h0.shape[-1]))
+    streams, aux = _run_segments(params, cfg, streams, input_ids, positions, segment_ids, moe_strategy, remat)
+    hidden = rms_norm(hc_head(params["hc_head"], cfg, streams), params["final_norm"], cfg.rms_norm_eps)
+    logits = logits_from_hidden(params, hidden)
+    mtp_logits = None
+    if mtp and cfg.num_mtp_layers and "mtp" in params:
+        mtp_h, mtp_stats = mtp_hidden(params["mtp"], cfg, streams, params["embed"], input_ids, positions,
+                                      segment_ids, moe_strategy)
+        mtp_logits = logits_from_hidden(params, mtp_h)
+        aux = {**aux, **{f"mtp_{k}": v for k, v in mtp_stats.items()}}
+    return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=aux)

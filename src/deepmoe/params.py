@@ -1,0 +1,259 @@
+"""One description of every parameter: shape, dtype, logical axes and initializer.
+
+`param_specs(cfg)` is the single source; `init_params`, `abstract_params`, `count_params`, the sharding
+rules and the checkpoint name maps all derive from it. Matrices are stored [in, out] (x @ W).
+
+Decoder layers are grouped into *segments* (`layer_segments`): a segment is a pattern of consecutive layer
+kinds repeated `repeats` times; its parameters are stacked with a leading `layers` axis so the forward can
+`lax.scan` over the repeats. V4-Flash = 3 prefix layers + 20 x (HCA, CSA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from deepmoe.config import CSA, HASH_MOE, HCA, SLIDING, SCORE_MOE, ModelConfig
+
+LayerKind = tuple[str, str]  # (attention type, moe type)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis per dimension (see sharding.py)
+    init: str = "normal"  # normal | ones | zeros | hash_table
+    std: float = 0.02
+    dtype: str | None = None  # None: cfg.param_dtype; norms, mHC, sinks, router stay float32
+
+    def __post_init__(self):
+        assert len(self.shape) == len(self.axes), (self.shape, self.axes)
+
+
+def is_spec(x: Any) -> bool:
+    return isinstance(x, ParamSpec)
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    start: int  # first decoder layer index
+    repeats: int  # how many times the pattern repeats (the scanned axis)
+    kinds: tuple[LayerKind, ...]  # the pattern
+
+    def layer_index(self, repeat: int, position: int) -> int:
+        return self.start + repeat * len(self.kinds) + position
+
+
+@functools.lru_cache(maxsize=None)
+def layer_segments(cfg: ModelConfig) -> tuple[Segment, ...]:
+    """Split the layer schedule into an unscanned prefix and one repeated pattern, minimising the number of
+    distinct layer bodies (= compile time): prefix length + pattern length."""
+    kinds = tuple(zip(cfg.layer_types, cfg.moe_layer_types))
+    n = len(kinds)
+    best = None
+    for prefix in range(n):
+        for period in range(1, min(8, n - prefix) + 1):
+            rest = kinds[prefix:]
+            if len(rest) % period or any(rest[i] != rest[i % period] for i in range(len(rest))):
+                continue
+            cost = prefix + period
+            if best is None or cost < best[0]:
+                best = (cost, prefix, period)
+    if best is None:  # nothing repeats: every layer its own body
+        return (Segment(0, 1, kinds),)
+    _, prefix, period = best
+    segments = [Segment(0, 1, kinds[:prefix])] if prefix else []
+    segments.append(Segment(prefix, (n - prefix) // period, kinds[prefix:prefix + period]))
+    return tuple(segments)
+
+
+def _hc_specs(cfg: ModelConfig, outputs: int, scales: int) -> dict[str, ParamSpec]:
+    n, d = cfg.residual_streams, cfg.hidden_size
+    return {
+        "fn": ParamSpec((n * d, outputs), ("hc_flat", None), dtype="float32"),
+        "base": ParamSpec((outputs,), (None,), init="zeros", dtype="float32"),
+        "scale": ParamSpec((scales,), (None,), init="ones", dtype="float32"),
+    }
+
+
+def _norm(dim: int, axis: str = "embed") -> ParamSpec:
+    return ParamSpec((dim,), (axis,), init="ones", dtype="float32")
+
+
+def _compressor_specs(cfg: ModelConfig, ratio: int, dim: int, overlap: bool) -> dict[str, ParamSpec]:
+    width = dim * (2 if overlap else 1)
+    return {
+        "kv_proj": ParamSpec((cfg.hidden_size, width), ("embed", "compress")),
+        "gate_proj": ParamSpec((cfg.hidden_size, width), ("embed", "compress")),
+        "position_bias": ParamSpec((ratio, width), (None, "compress"), init="zeros", dtype="float32"),
+        "kv_norm": _norm(dim, "head_dim"),
+    }
+
+
+def attention_specs(cfg: ModelConfig, layer_type: str) -> dict[str, Any]:
+    d, h, c, dc = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.query_latent_dim
+    g, dg = cfg.output_groups, cfg.output_group_latent_dim
+    spec: dict[str, Any] = {
+        "q_down": ParamSpec((d, dc), ("embed", "q_latent")),
+        "q_norm": _norm(dc, "q_latent"),
+        "q_up": ParamSpec((dc, h, c), ("q_latent", "heads", "head_dim")),
+        "kv_proj": ParamSpec((d, c), ("embed", "head_dim")),
+        "kv_norm": _norm(c, "head_dim"),
+        "sinks": ParamSpec((h,), ("heads",), init="zeros", dtype="float32"),
+        "o_group_proj": ParamSpec((g, cfg.output_group_input_dim, dg), ("o_groups", "o_group_in", "o_latent")),
+        "o_proj": ParamSpec((g, dg, d), ("o_groups", "o_latent", "embed")),
+    }
+    if layer_type in (CSA, HCA):
+        ratio = cfg.compress_ratio(layer_type)
+        spec["compressor"] = _compressor_specs(cfg, ratio, c, overlap=layer_type == CSA)
+    if layer_type == CSA:
+        spec["indexer"] = {
+            "q_up": ParamSpec((dc, cfg.indexer_heads, cfg.indexer_head_dim), ("q_latent", "indexer_heads", None)),
+            "weights_proj": ParamSpec((d, cfg.indexer_heads), ("embed", "indexer_heads")),
+            "compressor": _compressor_specs(cfg, cfg.csa_compress_ratio, cfg.indexer_head_dim, overlap=True),
+        }
+    return spec
+
+
+def moe_specs(cfg: ModelConfig, moe_type: str) -> dict[str, Any]:
+    d, e, i = cfg.hidden_size, cfg.num_experts, cfg.expert_hidden_dim
+    spec: dict[str, Any] = {
+        "router": ParamSpec((d, e), ("embed", None), dtype="float32"),
+        "experts": {
+            "w_gate": ParamSpec((e, d, i), ("experts", "embed", "expert_mlp")),
+            "w_up": ParamSpec((e, d, i), ("experts", "embed", "expert_mlp")),
+            "w_down": ParamSpec((e, i, d), ("experts", "expert_mlp", "embed")),
+        },
+        "shared": {
+            "w_gate": ParamSpec((d, i), ("embed", "mlp")),
+            "w_up": ParamSpec((d, i), ("embed", "mlp")),
+            "w_down": ParamSpec((i, d), ("mlp", "embed")),
+        },
+    }
+    if moe_type == HASH_MOE:
+        spec["tid2eid"] = ParamSpec((cfg.vocab_size, cfg.experts_per_token), ("vocab", None), init="hash_table",
+                                    dtype="int32")
+    else:
+        spec["router_bias"] = ParamSpec((e,), (None,), init="zeros", dtype="float32")
+    return spec
+
+
+def layer_specs(cfg: ModelConfig, kind: LayerKind) -> dict[str, Any]:
+    n = cfg.residual_streams
+    return {
+        "attn_hc": _hc_specs(cfg, (2 + n) * n, 3),
+        "attn_norm": _norm(cfg.hidden_size),
+        "attn": attention_specs(cfg, kind[0]),
+        "ffn_hc": _hc_specs(cfg, (2 + n) * n, 3),
+        "ffn_norm": _norm(cfg.hidden_size),
+        "moe": moe_specs(cfg, kind[1]),
+    }
+
+
+def _stack(spec: ParamSpec, repeats: int) -> ParamSpec:
+    return dataclasses.replace(spec, shape=(repeats, *spec.shape), axes=("layers", *spec.axes))
+
+
+def mtp_specs(cfg: ModelConfig) -> dict[str, Any]:
+    d, n = cfg.hidden_size, cfg.residual_streams
+    return {
+        "embed_norm": _norm(d),
+        "hidden_norm": _norm(d),
+        "embed_proj": ParamSpec((d, d), ("embed", "embed_out")),
+        "hidden_proj": ParamSpec((d, d), ("embed", "embed_out")),
+        "block": layer_specs(cfg, (SLIDING, SCORE_MOE)),
+        "hc_head": _hc_specs(cfg, n, 1),
+        "norm": _norm(d),
+    }
+
+
+@functools.lru_cache(maxsize=None)
+def param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """The parameter description tree. `segments[s][p]` holds pattern position p of segment s, stacked."""
+    d, n, v = cfg.hidden_size, cfg.residual_streams, cfg.vocab_size
+    segments = [
+        [jax.tree.map(lambda s: _stack(s, seg.repeats), layer_specs(cfg, kind), is_leaf=is_spec)
+         for kind in seg.kinds]
+        for seg in layer_segments(cfg)
+    ]
+    spec: dict[str, Any] = {
+        "embed": ParamSpec((v, d), ("vocab", "embed"), std=1.0),
+        "segments": segments,
+        "hc_head": _hc_specs(cfg, n, 1),
+        "final_norm": _norm(d),
+        "lm_head": ParamSpec((d, v), ("embed", "vocab")),
+    }
+    if cfg.num_mtp_layers:
+        spec["mtp"] = mtp_specs(cfg)
+    return spec
+
+
+def _dtype(spec: ParamSpec, cfg: ModelConfig):
+    return jnp.dtype(spec.dtype or cfg.param_dtype)
+
+
+def _init_leaf(spec: ParamSpec, cfg: ModelConfig, key: jax.Array) -> jax.Array:
+    dtype = _dtype(spec, cfg)
+    if spec.init == "ones":
+        return jnp.ones(spec.shape, dtype)
+    if spec.init == "zeros":
+        return jnp.zeros(spec.shape, dtype)
+    if spec.init == "hash_table":  # each token gets `k` distinct random experts
+        *lead, vocab, k = spec.shape
+        noise = jax.random.uniform(key, (*lead, vocab, cfg.num_experts))
+        return jnp.argsort(noise, axis=-1)[..., :k].astype(dtype)
+    return (spec.std * jax.random.normal(key, spec.shape, jnp.float32)).astype(dtype)
+
+
+def _map_with_keys(fn: Callable[[ParamSpec, jax.Array], Any], specs: Any, key: jax.Array) -> Any:
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=is_spec)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [fn(s, k) for s, k in zip(leaves, keys)])
+
+
+def init_params(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
+    """Random parameters for `cfg` (a nested dict of jax.Array)."""
+    return _init_jitted(cfg, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_jitted(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
+    return _map_with_keys(lambda s, k: _init_leaf(s, cfg, k), param_specs(cfg), key)
+
+
+def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
+    """`jax.ShapeDtypeStruct` per parameter: no allocation."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, _dtype(s, cfg)), param_specs(cfg), is_leaf=is_spec)
+
+
+def _size(tree: Any) -> int:
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(tree, is_leaf=is_spec) if s.init != "hash_table")
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCount:
+    total: int  # decoder + embeddings + head, without MTP
+    active: int  # per token: routed experts counted experts_per_token / num_experts of the way
+    mtp: int  # the MTP module on its own (shares embedding and head)
+    mtp_active: int
+
+    def __iter__(self):  # `total, active = count_params(cfg)`
+        return iter((self.total, self.active))
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Parameter counts from the description alone (hash tables are buffers, not counted)."""
+    specs = param_specs(cfg)
+    main = {k: v for k, v in specs.items() if k != "mtp"}
+    inactive_fraction = 1 - cfg.experts_per_token / cfg.num_experts
+    routed = sum(_size(layer["moe"]["experts"]) for seg in specs["segments"] for layer in seg)
+    total = _size(main)
+    mtp = _size(specs.get("mtp", {}))
+    mtp_routed = _size(specs["mtp"]["block"]["moe"]["experts"]) if "mtp" in specs else 0
+    return ParamCount(total=total, active=total - round(routed * inactive_fraction), mtp=mtp,
+                      mtp_active=mtp - round(mtp_routed * inactive_fraction))
