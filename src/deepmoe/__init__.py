@@ -1,8 +1,41 @@
-"""deepmoe: a purely functional JAX reimplementation of DeepSeek-V4."""
+"""deepmoe: a purely functional JAX reimplementation of DeepSeek-V4.
 
-from deepmoe.config import ConfigError, ModelConfig, preset
-from deepmoe.model import ModelOutput, forward
-from deepmoe.params import abstract_params, count_params, init_params, param_specs
+Names are imported lazily: JAX imports `deepmoe.backend.ascend_plugin` during plugin discovery, so importing
+this package must stay cheap and must not touch JAX.
+"""
 
-__all__ = ["ConfigError", "ModelConfig", "ModelOutput", "abstract_params", "count_params", "forward",
-           "init_params", "param_specs", "preset"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ConfigError": "deepmoe.config",
+    "ModelConfig": "deepmoe.config",
+    "preset": "deepmoe.config",
+    "ModelOutput": "deepmoe.model",
+    "forward": "deepmoe.model",
+    "abstract_params": "deepmoe.params",
+    "count_params": "deepmoe.params",
+    "init_params": "deepmoe.params",
+    "param_specs": "deepmoe.params",
+    "load_pretrained": "deepmoe.io.pretrained",
+    "save_pretrained": "deepmoe.io.pretrained",
+}
+_SUBMODULES = ("train", "infer", "backend", "io", "layers", "moe_dispatch")
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"deepmoe.{name}")
+    raise AttributeError(f"module 'deepmoe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_SUBMODULES])

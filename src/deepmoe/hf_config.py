@@ -66,6 +66,7 @@ def config_kwargs_from_hf(source: str | os.PathLike | Mapping[str, Any]) -> dict
         raise ConfigError(f"config model_type is {model_type!r}; deepmoe loads 'deepseek_v4' checkpoints only")
     kw: dict[str, Any] = {ours: hf[theirs] for ours, theirs in HF_FIELD_NAMES.items() if theirs in hf}
     for ours, official in (("hidden_size", "dim"), ("num_layers", "n_layers"), ("num_heads", "n_heads"),
+                           ("num_hash_layers", "num_hash_layers"),
                            ("num_hash_layers", "n_hash_layers"), ("expert_hidden_dim", "moe_inter_dim"),
                            ("routed_scaling_factor", "route_scale"), ("sliding_window", "window_size"),
                            ("query_latent_dim", "q_lora_rank"), ("num_mtp_layers", "n_mtp_layers"),

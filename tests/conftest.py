@@ -1,0 +1,29 @@
+"""Test set-up: 8 simulated CPU devices, a persistent compilation cache, shared session fixtures."""
+
+import os
+
+# Must happen before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE = Path(__file__).resolve().parent.parent / ".jax_cache"
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import deepmoe as dm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return dm.preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_params(tiny_cfg):
+    return dm.init_params(tiny_cfg, jax.random.key(0))
