@@ -3,18 +3,98 @@
     run(experts_params, cfg, x [B,T,D], expert_ids [B,T,K], weights [B,T,K]) -> [B,T,D] float32
 
 `dense` evaluates every expert on every token (the reference); `sorted` groups token copies by expert and runs
-`jax.lax.ragged_dot` (dropless, the default).
+`jax.lax.ragged_dot` (dropless, the default). On a mesh (`forward(..., mesh=)`) a strategy is bound to it
+(`bind` -> `MeshStrategy`): `ep_all_to_all` (fixed-capacity `lax.all_to_all`, any backend) and `ep_ragged`
+(`lax.ragged_all_to_all`, GPU/TPU) split the routed experts over the `expert` axis; `dense` / `sorted` run
+per device on the local tokens. `auto` asks `backend.capabilities.select` for the platform's choice.
+Mesh-bound strategies also report `dropped_tokens` (token copies dropped for capacity) into the router stats.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 from deepmoe.moe_dispatch.dense import run as run_dense
-from deepmoe.moe_dispatch.sorted import run as run_sorted
+from deepmoe.moe_dispatch.ep_all_to_all import MeshStrategy
+from deepmoe.moe_dispatch.sort_ragged import run as run_sorted
 
 STRATEGIES = {"dense": run_dense, "sorted": run_sorted}
+MESH_STRATEGIES = ("dense", "sorted", "ep_all_to_all", "ep_ragged")
+NAMES = ("auto", *MESH_STRATEGIES)
 
 
-def run_experts(strategy: str, params, cfg, x, expert_ids, weights):
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown MoE strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
-    return STRATEGIES[strategy](params, cfg, x, expert_ids, weights)
+@dataclasses.dataclass(frozen=True)
+class MoEStrategy:
+    """A strategy name with options: `forward(..., moe_strategy=MoEStrategy("ep_all_to_all", 1.25))`.
+
+    capacity_factor: None = dropless (the default; the spec drops no tokens); see ep_all_to_all / ep_ragged.
+    collective: ep_ragged only; "emulated" runs its all_gather-based stand-in (CPU tests)."""
+
+    name: str = "auto"
+    capacity_factor: float | None = None
+    collective: str = "native"
+
+
+def _options(strategy) -> MoEStrategy:
+    if isinstance(strategy, MoEStrategy):
+        options = strategy
+    elif isinstance(strategy, str):
+        options = MoEStrategy(strategy)
+    else:
+        raise TypeError(f"moe_strategy must be a name or a MoEStrategy, got {strategy!r}")
+    if options.name not in NAMES:
+        raise ValueError(f"unknown MoE strategy {options.name!r}; choose one of {list(NAMES)}")
+    return options
+
+
+def bind(strategy, mesh, rules=None) -> MeshStrategy:
+    """Resolve `auto` for the mesh's platform and expert axis, check the choice runs there, bind it."""
+    from deepmoe.backend.capabilities import normalize_platform, select
+    from deepmoe.sharding import ShardingError, ShardingRules
+
+    if isinstance(strategy, MeshStrategy):
+        return strategy
+    options, rules = _options(strategy), rules or ShardingRules()
+    platform = normalize_platform(mesh.devices.flat[0].platform)
+    expert_size = 1
+    for axis in rules.mesh_axes("experts"):
+        expert_size *= mesh.shape[axis]
+    name = options.name
+    if name == "auto":
+        name = select(platform, device_count=mesh.size, expert_axis_size=expert_size).moe_strategy
+    if name == "ep_ragged" and options.collective == "native" and platform == "cpu" and expert_size > 1:
+        raise ShardingError("moe_strategy 'ep_ragged' needs lax.ragged_all_to_all, which XLA:CPU does not "
+                            "implement; use 'ep_all_to_all' (or 'auto') on CPU")
+    return MeshStrategy(name, mesh, rules, options.capacity_factor, options.collective)
+
+
+class _Recording:
+    """Carries a MeshStrategy through `layers.moe.moe` and keeps the extras its run returns."""
+
+    def __init__(self, strategy: MeshStrategy):
+        self.strategy, self.extras = strategy, {}
+
+
+def with_extras(strategy):
+    """-> (strategy to pass to `moe`, dict filled with the strategy's extra router stats once `moe` ran).
+    Plain (unbound) strategies have no extras, so single-device aux is unchanged."""
+    if isinstance(strategy, MeshStrategy):
+        recording = _Recording(strategy)
+        return recording, recording.extras
+    return strategy, {}
+
+
+def run_experts(strategy, params, cfg, x, expert_ids, weights):
+    if isinstance(strategy, _Recording):
+        y, extras = strategy.strategy.run(params, cfg, x, expert_ids, weights, return_extras=True)
+        strategy.extras.update(extras)
+        return y
+    if isinstance(strategy, MeshStrategy):
+        return strategy.run(params, cfg, x, expert_ids, weights)
+    name = _options(strategy).name
+    if name == "auto":  # no mesh: nothing to parallelise over
+        name = "sorted"
+    if name not in STRATEGIES:
+        raise ValueError(f"MoE strategy {name!r} runs on a mesh: pass mesh= to forward (dm.make_mesh(...)), or "
+                         f"use one of {sorted(STRATEGIES)} on a single device")
+    return STRATEGIES[name](params, cfg, x, expert_ids, weights)

@@ -1,0 +1,114 @@
+"""Behaviour of the forward pass beyond parity: causality, packed documents, precision, MoE strategies, MTP."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepmoe as dm
+from deepmoe.layers.hyper import sinkhorn
+
+F32 = dm.preset("tiny").replace(compute_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def forward_f32():
+    return jax.jit(lambda p, ids, seg: dm.forward(p, F32, ids, segment_ids=seg))
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return jax.random.randint(jax.random.key(3), (2, 80), 0, F32.vocab_size)
+
+
+def test_causality(tiny_params, forward_f32, ids):
+    """Changing token t leaves every logit before t unchanged (and MTP logits before t-1)."""
+    seg = jnp.zeros_like(ids)
+    t = 50
+    changed = ids.at[:, t].set((ids[:, t] + 7) % F32.vocab_size)
+    a, b = forward_f32(tiny_params, ids, seg), forward_f32(tiny_params, changed, seg)
+    np.testing.assert_array_equal(np.asarray(a.logits[:, :t]), np.asarray(b.logits[:, :t]))
+    np.testing.assert_array_equal(np.asarray(a.mtp_logits[:, :t - 1]), np.asarray(b.mtp_logits[:, :t - 1]))
+    assert np.abs(np.asarray(a.logits[:, t:] - b.logits[:, t:])).max() > 1e-3  # and the change is seen
+
+
+def test_packed_documents_equal_separate_runs(tiny_params, ids):
+    """A row packing two documents gives, per document, the logits of running that document alone:
+    attention and compression never cross documents, positions restart."""
+    split = 37  # not a multiple of the window (16) or either ratio (4, 16)
+    seg = jnp.concatenate([jnp.zeros((2, split), jnp.int32), jnp.ones((2, 80 - split), jnp.int32)], axis=1)
+    packed = dm.forward(tiny_params, F32, ids, segment_ids=seg, mtp=False).logits
+    first = dm.forward(tiny_params, F32, ids[:, :split], mtp=False).logits
+    second = dm.forward(tiny_params, F32, ids[:, split:], mtp=False).logits
+    np.testing.assert_allclose(np.asarray(packed[:, :split]), np.asarray(first), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(packed[:, split:]), np.asarray(second), atol=2e-5)
+
+
+def test_bf16_agrees_with_fp32(tiny_params, forward_f32, ids):
+    """Documented tolerance: bf16 compute stays within 5% of the logit scale of the fp32 run (and is not
+    identical, so the policy really changes the compute dtype)."""
+    seg = jnp.zeros_like(ids)
+    ref = np.asarray(forward_f32(tiny_params, ids, seg).logits)
+    low = np.asarray(dm.forward(tiny_params, F32.replace(compute_dtype="bfloat16"), ids).logits)
+    assert low.dtype == np.float32
+    err = np.abs(low - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.05, err
+
+
+def test_moe_strategies_agree(tiny_params, ids):
+    dense = dm.forward(tiny_params, F32, ids, moe_strategy="dense")
+    ragged = dm.forward(tiny_params, F32, ids, moe_strategy="sorted")
+    np.testing.assert_allclose(np.asarray(dense.logits), np.asarray(ragged.logits), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown MoE strategy"):
+        dm.forward(tiny_params, F32, ids, moe_strategy="magic")
+
+
+def test_router_statistics(tiny_params, ids):
+    out = dm.forward(tiny_params, F32, ids)
+    counts = np.asarray(out.aux["expert_counts"])  # [L, B, E]
+    assert counts.shape == (F32.num_layers, 2, F32.num_experts)
+    np.testing.assert_array_equal(counts.sum(-1), ids.shape[1] * F32.experts_per_token)
+    # hash layer 0: counts are exactly the tid2eid table's histogram over the tokens
+    table = np.asarray(tiny_params["segments"][0][0]["moe"]["tid2eid"][0])
+    expected = np.stack([np.bincount(table[np.asarray(row)].ravel(), minlength=F32.num_experts) for row in ids])
+    np.testing.assert_array_equal(counts[0], expected)
+    np.testing.assert_allclose(np.asarray(out.aux["mean_affinity"]).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_sinkhorn_is_doubly_stochastic():
+    logits = jax.random.normal(jax.random.key(0), (5, 4, 4)) * 3
+    m = np.asarray(sinkhorn(logits, 20, 1e-6))
+    np.testing.assert_allclose(m.sum(-2), 1.0, atol=1e-5)  # the last step normalises columns
+    np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-2)  # rows: approximately, after 20 iterations
+    assert (m > 0).all()
+    converged = np.asarray(sinkhorn(logits, 300, 1e-6))  # rows converge with more iterations
+    np.testing.assert_allclose(converged.sum(-1), 1.0, atol=1e-4)
+
+
+def test_mtp_logits_follow_the_next_token(tiny_params, forward_f32, ids):
+    """MTP at position t sees token t+1: changing token t+1 changes mtp_logits[t] but not logits[t]."""
+    seg = jnp.zeros_like(ids)
+    t = 30
+    changed = ids.at[:, t + 1].set((ids[:, t + 1] + 1) % F32.vocab_size)
+    a, b = forward_f32(tiny_params, ids, seg), forward_f32(tiny_params, changed, seg)
+    np.testing.assert_array_equal(np.asarray(a.logits[:, t]), np.asarray(b.logits[:, t]))
+    assert np.abs(np.asarray(a.mtp_logits[:, t] - b.mtp_logits[:, t])).max() > 1e-4
+
+
+def test_out_of_range_token_ids(tiny_params):
+    with pytest.raises(ValueError, match="token id out of range"):
+        dm.forward(tiny_params, F32, jnp.array([[1, 2, F32.vocab_size]]))
+    with pytest.raises(ValueError, match=r"\[batch, seq\]"):
+        dm.forward(tiny_params, F32, jnp.array([1, 2, 3]))
+
+
+def test_remat_policies_do_not_change_values(tiny_params, ids):
+    def loss(p, remat):
+        return dm.forward(p, F32, ids, remat=remat).logits.mean()
+
+    g_none = jax.grad(loss, allow_int=True)(tiny_params, "none")  # tid2eid is an int buffer
+    g_full = jax.grad(loss, allow_int=True)(tiny_params, "full")
+    for a, b in zip(jax.tree.leaves(g_none), jax.tree.leaves(g_full)):
+        if a.dtype != jax.dtypes.float0:
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert np.abs(np.asarray(g_none["embed"])).max() > 0
