@@ -161,3 +161,12 @@ def run(as_json: bool = False) -> int:
     report = doctor_report()
     print(json.dumps(report, indent=2, default=str) if as_json else format_doctor(report))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="deepmoe doctor", description="Platform, devices, PJRT plugins and "
+                                     "the kernel / MoE choices that will run, and why.")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    return run(as_json=parser.parse_args(argv).json)
