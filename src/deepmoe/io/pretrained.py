@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,8 @@ import numpy as np
 from deepmoe.config import ModelConfig, SCORE_MOE, SLIDING
 from deepmoe.io.hf_names import gate_up_name, global_entries, join_gate_up, layer_entries, split_gate_up, to_hf, to_ours
 from deepmoe.io.safetensors_io import CheckpointError, CheckpointReader, save_file
-from deepmoe.params import layer_segments, layer_specs, param_specs
+from deepmoe.io.sources import TensorSource
+from deepmoe.params import is_spec, layer_segments, layer_specs, param_specs
 
 MTP_PREFIX = "mtp.0."
 
@@ -43,67 +44,64 @@ def _layer_slots(cfg: ModelConfig) -> Iterator[tuple[int, int, int, int, tuple[s
                 yield segment.layer_index(r, p), s, p, r, kind
 
 
-def _cast(array: np.ndarray, spec, cfg: ModelConfig) -> np.ndarray:
-    return array.astype(jnp.dtype(spec.dtype or cfg.param_dtype))
-
-
-def _read_layer(reader: CheckpointReader, cfg: ModelConfig, kind: tuple[str, str], prefix: str,
-                used: set[str]) -> dict:
+def _read_layer(source: TensorSource, cfg: ModelConfig, kind: tuple[str, str], prefix: str, used: set[str],
+                store: Callable[[tuple, np.ndarray], None]) -> None:
+    """Read one decoder layer's tensors and hand each (path inside the layer, our-layout array) to `store`."""
     specs = layer_specs(cfg, kind)
-    layer: dict = {}
 
     def take(name: str) -> np.ndarray:
-        if name not in reader:
+        if name not in source:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        used.add(name)
-        return reader.get(name)
+        used.update(source.consumed(name))
+        return source.get(name)
 
     for path, name, transform in layer_entries(kind[0], kind[1], prefix):
-        spec = _get(specs, path)
+        shape = _get(specs, path).shape
         array = take(name)
-        value = to_ours(transform, array, spec.shape) if array.size == np.prod(spec.shape) else None
-        if value is None or value.shape != spec.shape:
+        value = to_ours(transform, array, shape) if array.size == np.prod(shape) else None
+        if value is None or value.shape != shape:
             raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}; the config expects "
-                                  f"{to_hf(transform, np.zeros(spec.shape, np.int8)).shape}")
-        _set(layer, path, _cast(value, spec, cfg))
+                                  f"{to_hf(transform, np.zeros(shape, np.int8)).shape}")
+        store(path, value)
     name = gate_up_name(prefix)
     gate_up = take(name)
     e, i, d = cfg.num_experts, cfg.expert_hidden_dim, cfg.hidden_size
     if gate_up.shape != (e, 2 * i, d):
         raise CheckpointError(f"tensor {name!r} has shape {tuple(gate_up.shape)}; the config expects {(e, 2 * i, d)}")
     gate, up = split_gate_up(gate_up)
-    _set(layer, ("moe", "experts", "w_gate"), _cast(gate, specs["moe"]["experts"]["w_gate"], cfg))
-    _set(layer, ("moe", "experts", "w_up"), _cast(up, specs["moe"]["experts"]["w_up"], cfg))
-    return layer
+    store(("moe", "experts", "w_gate"), gate)
+    store(("moe", "experts", "w_up"), up)
 
 
 def params_from_reader(reader: CheckpointReader, cfg: ModelConfig, *, strict: bool = True) -> dict:
-    """Assemble our parameter tree from HF-named tensors (numpy, host memory)."""
+    """Assemble our parameter tree (numpy, host memory) from a checkpoint in HF or official layout.
+
+    Every leaf is preallocated at its final dtype and filled one checkpoint tensor at a time, so peak host
+    memory stays near the size of the result (plus one tensor), not the checkpoint twice over."""
+    source = TensorSource(reader)
     used: set[str] = set()
     specs = param_specs(cfg)
-    params: dict = {}
+    params = jax.tree.map(lambda s: np.empty(s.shape, jnp.dtype(s.dtype or cfg.param_dtype)), specs,
+                          is_leaf=is_spec)
     for path, name, transform in global_entries(cfg):
-        if name.startswith(MTP_PREFIX) and name not in reader:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r} (MTP weights); "
-                                  f"load with num_mtp_layers=0 to skip the MTP module")
-        if name not in reader:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        spec = _get(specs, path)
-        value = to_ours(transform, reader.get(name), spec.shape)
-        if value.shape != spec.shape:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(reader.shape(name))}; the config expects "
-                                  f"{to_hf(transform, np.zeros(spec.shape, np.int8)).shape}")
-        used.add(name)
-        _set(params, path, _cast(value, spec, cfg))
-    stacks: dict[tuple[int, int], list] = {}
+        if name not in source:
+            hint = " (MTP weights; load with num_mtp_layers=0 to skip them)" if name.startswith(MTP_PREFIX) else ""
+            raise CheckpointError(f"checkpoint is missing tensor {name!r}{hint}")
+        target = _get(params, path)
+        value = to_ours(transform, source.get(name), target.shape)
+        if value.shape != target.shape:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(source.shape(name))}; the config expects "
+                                  f"{to_hf(transform, np.zeros(target.shape, np.int8)).shape}")
+        used.update(source.consumed(name))
+        target[...] = value
     for index, s, p, r, kind in _layer_slots(cfg):
-        stacks.setdefault((s, p), []).append(_read_layer(reader, cfg, kind, f"model.layers.{index}.", used))
-    params["segments"] = [
-        [jax.tree.map(lambda *xs: np.stack(xs), *stacks[(s, p)]) for p in range(len(segment.kinds))]
-        for s, segment in enumerate(layer_segments(cfg))
-    ]
+        layer = params["segments"][s][p]
+        _read_layer(source, cfg, kind, f"model.layers.{index}.", used,
+                    lambda path, value: _get(layer, path).__setitem__(r, value))
     if cfg.num_mtp_layers:
-        params["mtp"]["block"] = _read_layer(reader, cfg, (SLIDING, SCORE_MOE), MTP_PREFIX, used)
+        block = params["mtp"]["block"]
+        _read_layer(source, cfg, (SLIDING, SCORE_MOE), MTP_PREFIX, used,
+                    lambda path, value: _get(block, path).__setitem__(Ellipsis, value))
     unexpected = sorted(set(reader.keys()) - used)
     if not cfg.num_mtp_layers:
         unexpected = [n for n in unexpected if not n.startswith(MTP_PREFIX)]
@@ -114,23 +112,28 @@ def params_from_reader(reader: CheckpointReader, cfg: ModelConfig, *, strict: bo
 
 
 def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, strict: bool = True,
-                    **config_overrides: Any) -> tuple[ModelConfig, dict]:
+                    shardings: Any = None, **config_overrides: Any) -> tuple[ModelConfig, dict]:
     """Load `config.json` + safetensors from `path` -> (cfg, params as jax.Array).
 
+    Reads HF names or the official release names (detected), sharded checkpoints through
+    `model.safetensors.index.json`, FP8 (128x128 ue8m0 blocks) and MXFP4 experts (dequantized on load).
     `dtype` is the storage dtype of the matrices (norms, mHC, sinks and router stay float32). A checkpoint
-    without `mtp.0.*` tensors (e.g. saved by transformers) loads with `num_mtp_layers=0`.
+    without `mtp.0.*` tensors (e.g. saved by transformers) loads with `num_mtp_layers=0`. `shardings`: an
+    optional pytree of `jax.sharding.Sharding` (e.g. from `deepmoe.sharding`) to place each leaf onto a mesh.
     """
     path = Path(path)
     cfg = ModelConfig.from_hf(path, **config_overrides).replace(param_dtype=jnp.dtype(dtype).name)
     reader = CheckpointReader(path)
     try:
-        if cfg.num_mtp_layers and not any(k.startswith(MTP_PREFIX) for k in reader.keys()) \
-                and "num_mtp_layers" not in config_overrides:
+        has_mtp = any(k.startswith(MTP_PREFIX) for k in reader.keys())
+        if cfg.num_mtp_layers and not has_mtp and "num_mtp_layers" not in config_overrides:
             cfg = cfg.replace(num_mtp_layers=0)
         params = params_from_reader(reader, cfg, strict=strict)
     finally:
         reader.close()
-    return cfg, jax.tree.map(jnp.asarray, params)
+    if shardings is None:
+        return cfg, jax.tree.map(jnp.asarray, params)
+    return cfg, jax.tree.map(jax.device_put, params, shardings)
 
 
 def hf_state_dict(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
