@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from deepmoe.config import ModelConfig, SCORE_MOE, SLIDING
 from deepmoe.io.hf_names import gate_up_name, global_entries, join_gate_up, layer_entries, split_gate_up, to_hf, to_ours
 from deepmoe.io.safetensors_io import CheckpointError, CheckpointReader, save_file
 from deepmoe.io.sources import TensorSource
-from deepmoe.params import is_spec, layer_segments, layer_specs, param_specs
+from deepmoe.params import layer_segments, param_specs
 
 MTP_PREFIX = "mtp.0."
 
@@ -44,71 +44,90 @@ def _layer_slots(cfg: ModelConfig) -> Iterator[tuple[int, int, int, int, tuple[s
                 yield segment.layer_index(r, p), s, p, r, kind
 
 
-def _read_layer(source: TensorSource, cfg: ModelConfig, kind: tuple[str, str], prefix: str, used: set[str],
-                store: Callable[[tuple, np.ndarray], None]) -> None:
-    """Read one decoder layer's tensors and hand each (path inside the layer, our-layout array) to `store`."""
-    specs = layer_specs(cfg, kind)
-
-    def take(name: str) -> np.ndarray:
-        if name not in source:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        used.update(source.consumed(name))
-        return source.get(name)
-
-    for path, name, transform in layer_entries(kind[0], kind[1], prefix):
-        shape = _get(specs, path).shape
-        array = take(name)
-        value = to_ours(transform, array, shape) if array.size == np.prod(shape) else None
-        if value is None or value.shape != shape:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}; the config expects "
-                                  f"{to_hf(transform, np.zeros(shape, np.int8)).shape}")
-        store(path, value)
-    name = gate_up_name(prefix)
-    gate_up = take(name)
-    e, i, d = cfg.num_experts, cfg.expert_hidden_dim, cfg.hidden_size
-    if gate_up.shape != (e, 2 * i, d):
-        raise CheckpointError(f"tensor {name!r} has shape {tuple(gate_up.shape)}; the config expects {(e, 2 * i, d)}")
-    gate, up = split_gate_up(gate_up)
-    store(("moe", "experts", "w_gate"), gate)
-    store(("moe", "experts", "w_up"), up)
+class _Read(NamedTuple):
+    name: str  # HF tensor name
+    transform: str  # hf_names transform kind, or "gate_up" (one HF tensor -> the gate and up leaves)
+    targets: tuple[tuple[tuple, int | None], ...]  # (leaf path in the full tree, index on the stacked axis)
 
 
-def params_from_reader(reader: CheckpointReader, cfg: ModelConfig, *, strict: bool = True) -> dict:
-    """Assemble our parameter tree (numpy, host memory) from a checkpoint in HF or official layout.
-
-    Every leaf is preallocated at its final dtype and filled one checkpoint tensor at a time, so peak host
-    memory stays near the size of the result (plus one tensor), not the checkpoint twice over."""
-    source = TensorSource(reader)
-    used: set[str] = set()
-    specs = param_specs(cfg)
-    params = jax.tree.map(lambda s: np.empty(s.shape, jnp.dtype(s.dtype or cfg.param_dtype)), specs,
-                          is_leaf=is_spec)
-    for path, name, transform in global_entries(cfg):
-        if name not in source:
-            hint = " (MTP weights; load with num_mtp_layers=0 to skip them)" if name.startswith(MTP_PREFIX) else ""
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}{hint}")
-        target = _get(params, path)
-        value = to_ours(transform, source.get(name), target.shape)
-        if value.shape != target.shape:
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(source.shape(name))}; the config expects "
-                                  f"{to_hf(transform, np.zeros(target.shape, np.int8)).shape}")
-        used.update(source.consumed(name))
-        target[...] = value
-    for index, s, p, r, kind in _layer_slots(cfg):
-        layer = params["segments"][s][p]
-        _read_layer(source, cfg, kind, f"model.layers.{index}.", used,
-                    lambda path, value: _get(layer, path).__setitem__(r, value))
+def _reads(cfg: ModelConfig) -> list[_Read]:
+    """Every checkpoint tensor the config needs and where it goes."""
+    reads = [_Read(name, transform, ((path, None),)) for path, name, transform in global_entries(cfg)]
+    layers = [(f"model.layers.{index}.", kind, ("segments", s, p), r) for index, s, p, r, kind in _layer_slots(cfg)]
     if cfg.num_mtp_layers:
-        block = params["mtp"]["block"]
-        _read_layer(source, cfg, (SLIDING, SCORE_MOE), MTP_PREFIX, used,
-                    lambda path, value: _get(block, path).__setitem__(Ellipsis, value))
+        layers.append((MTP_PREFIX, (SLIDING, SCORE_MOE), ("mtp", "block"), None))
+    for prefix, kind, root, r in layers:
+        for path, name, transform in layer_entries(kind[0], kind[1], prefix):
+            reads.append(_Read(name, transform, (((*root, *path), r),)))
+        experts = (*root, "moe", "experts")
+        reads.append(_Read(gate_up_name(prefix), "gate_up", (((*experts, "w_gate"), r), ((*experts, "w_up"), r))))
+    return reads
+
+
+def _convert(read: _Read, array: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """A checkpoint tensor in HF layout -> our layout for each target (shape errors name the tensor)."""
+    if read.transform == "gate_up":
+        e, d, i = shapes[0]
+        if array.shape != (e, 2 * i, d):
+            raise CheckpointError(f"tensor {read.name!r} has shape {tuple(array.shape)}; the config expects "
+                                  f"{(e, 2 * i, d)}")
+        return list(split_gate_up(array))
+    shape = shapes[0]
+    if array.size == np.prod(shape):
+        value = to_ours(read.transform, array, shape)
+        if value.shape == shape:
+            return [value]
+    raise CheckpointError(f"tensor {read.name!r} has shape {tuple(array.shape)}; the config expects "
+                          f"{to_hf(read.transform, np.zeros(shape, np.int8)).shape}")
+
+
+def params_from_reader(reader: CheckpointReader, cfg: ModelConfig, *, strict: bool = True,
+                       place: Callable[[tuple, np.ndarray], Any] = lambda path, array: array) -> dict:
+    """Assemble our parameter tree from a checkpoint in HF or official layout.
+
+    Leaves are built one at a time (all layers of a stacked leaf, then the next leaf): each is preallocated at
+    its final dtype, filled from the checkpoint tensors, then handed to `place` (e.g. device_put onto a mesh)
+    and its host copy dropped, so peak host memory stays near the size of the result plus one leaf."""
+    source = TensorSource(reader)
+    specs = param_specs(cfg)
+    used: set[str] = set()
+    by_leaf: dict[tuple, list[_Read]] = {}
+    for read in _reads(cfg):
+        by_leaf.setdefault(tuple(path for path, _ in read.targets), []).append(read)
+    params: dict = {}
+    for leaves, reads in by_leaf.items():
+        leaf_specs = [_get(specs, path) for path in leaves]
+        buffers = [np.empty(s.shape, jnp.dtype(s.dtype or cfg.param_dtype)) for s in leaf_specs]
+        stacked = reads[0].targets[0][1] is not None  # a scanned leaf: one read per layer
+        unstacked = [s.shape[1:] if stacked else s.shape for s in leaf_specs]
+        for read in reads:
+            if read.name not in source:
+                hint = " (MTP weights; load with num_mtp_layers=0 to skip them)" \
+                    if read.name.startswith(MTP_PREFIX) else ""
+                raise CheckpointError(f"checkpoint is missing tensor {read.name!r}{hint}")
+            used.update(source.consumed(read.name))
+            for buffer, (_, index), value in zip(buffers, read.targets, _convert(read, source.get(read.name),
+                                                                                 unstacked)):
+                buffer[... if index is None else index] = value
+        for path, buffer in zip(leaves, buffers):
+            _set(params, path, place(path, buffer))
+        del buffers
     unexpected = sorted(set(reader.keys()) - used)
     if not cfg.num_mtp_layers:
         unexpected = [n for n in unexpected if not n.startswith(MTP_PREFIX)]
     if strict and unexpected:
         raise CheckpointError(f"checkpoint has {len(unexpected)} tensors the config does not use, e.g. "
                               f"{unexpected[:5]} (pass strict=False to ignore them)")
-    return params
+    return _as_lists(params)
+
+
+def _as_lists(tree: Any) -> Any:
+    """`_set` builds dicts keyed by segment / position indices; the parameter tree uses lists there."""
+    if isinstance(tree, dict):
+        if tree and all(isinstance(k, int) for k in tree):
+            return [_as_lists(tree[k]) for k in range(len(tree))]
+        return {k: _as_lists(v) for k, v in tree.items()}
+    return tree
 
 
 def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, strict: bool = True,
@@ -119,7 +138,8 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, stric
     `model.safetensors.index.json`, FP8 (128x128 ue8m0 blocks) and MXFP4 experts (dequantized on load).
     `dtype` is the storage dtype of the matrices (norms, mHC, sinks and router stay float32). A checkpoint
     without `mtp.0.*` tensors (e.g. saved by transformers) loads with `num_mtp_layers=0`. `shardings`: an
-    optional pytree of `jax.sharding.Sharding` (e.g. from `deepmoe.sharding`) to place each leaf onto a mesh.
+    optional pytree of `jax.sharding.Sharding` (e.g. from `deepmoe.sharding`) to place each leaf onto a mesh
+    as soon as it is read.
     """
     path = Path(path)
     cfg = ModelConfig.from_hf(path, **config_overrides).replace(param_dtype=jnp.dtype(dtype).name)
@@ -128,12 +148,14 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, stric
         has_mtp = any(k.startswith(MTP_PREFIX) for k in reader.keys())
         if cfg.num_mtp_layers and not has_mtp and "num_mtp_layers" not in config_overrides:
             cfg = cfg.replace(num_mtp_layers=0)
-        params = params_from_reader(reader, cfg, strict=strict)
+        if shardings is None:
+            place = lambda path, array: jnp.asarray(array)  # noqa: E731
+        else:
+            place = lambda path, array: jax.device_put(array, _get(shardings, path))  # noqa: E731
+        params = params_from_reader(reader, cfg, strict=strict, place=place)
     finally:
         reader.close()
-    if shardings is None:
-        return cfg, jax.tree.map(jnp.asarray, params)
-    return cfg, jax.tree.map(jax.device_put, params, shardings)
+    return cfg, params
 
 
 def hf_state_dict(params: dict, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:

@@ -1,14 +1,13 @@
 """Minimal, strict safetensors reading and writing on numpy (bf16 and float8 through ml_dtypes).
 
 Our own reader so that every dtype of the V4 release (BF16, F8_E4M3, F8_E8M0, I8-packed FP4) loads, tensors are
-read one at a time from a memory map, and a truncated or corrupt file is reported with its name and problem.
+read one at a time straight into their arrays, and a truncated or corrupt file is reported with its name and problem.
 Writes are atomic: a temporary file renamed into place, so a crash never leaves a half-written file.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from pathlib import Path
@@ -62,7 +61,6 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is truncated or corrupt "
                                       f"(needs bytes {begin}..{end} of the data section, file has "
                                       f"{size - self.data_start})")
-        self._map: mmap.mmap | None = None
 
     def keys(self) -> list[str]:
         return list(self.entries)
@@ -74,20 +72,19 @@ class SafetensorsFile:
         return self.entries[name]["dtype"]
 
     def get(self, name: str) -> np.ndarray:
-        """A copy of one tensor (the map is not kept referenced by the result)."""
-        if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        """One tensor, read straight into a fresh array (no memory map: mapped pages would count against the
+        process's resident memory for as long as the file is open)."""
         info = self.entries[name]
         begin, end = info["data_offsets"]
-        data = np.frombuffer(self._map, dtype=DTYPES[info["dtype"]], count=(end - begin) // DTYPES[info["dtype"]].itemsize,
-                             offset=self.data_start + begin)
-        return data.reshape(info["shape"]).copy()
+        array = np.empty(info["shape"], DTYPES[info["dtype"]])
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(memoryview(array.reshape(-1).view(np.uint8))) != end - begin:
+                raise CheckpointError(f"{self.path}: tensor {name!r} ends early (file truncated while reading)")
+        return array
 
     def close(self) -> None:
-        if self._map is not None:
-            self._map.close()
-            self._map = None
+        """Nothing stays open between reads; kept so readers can be used uniformly."""
 
 
 class CheckpointReader:
