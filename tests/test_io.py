@@ -116,3 +116,17 @@ def test_safetensors_dtypes_match_the_reference_library(tmp_path):
     theirs = SafetensorsFile(tmp_path / "theirs.safetensors")
     for k in arrays:
         np.testing.assert_array_equal(theirs.get(k), arrays[k])
+
+
+def test_load_places_each_leaf_onto_a_mesh(saved, tiny_cfg):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    specs = dm.abstract_params(tiny_cfg)
+    # shard the vocabulary rows of the embedding, replicate the rest
+    shardings = jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), specs)
+    shardings["embed"] = NamedSharding(mesh, PartitionSpec("data", None))
+    _, params = dm.load_pretrained(saved[0], "float32", shardings=shardings)
+    assert params["embed"].sharding == shardings["embed"]
+    assert params["embed"].addressable_shards[0].data.shape == (tiny_cfg.vocab_size // 8, tiny_cfg.hidden_size)
+    np.testing.assert_array_equal(np.asarray(params["embed"]), np.asarray(saved[1]["embed"]))
