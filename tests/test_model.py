@@ -9,6 +9,8 @@ import deepmoe as dm
 from deepmoe.layers.hyper import sinkhorn
 
 F32 = dm.preset("tiny").replace(compute_dtype="float32")
+# jit with the config static: eager dispatch of the whole model is many times slower than compiling it
+forward = jax.jit(dm.forward, static_argnums=1, static_argnames=("mtp", "moe_strategy", "remat"))
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +39,9 @@ def test_packed_documents_equal_separate_runs(tiny_params, ids):
     attention and compression never cross documents, positions restart."""
     split = 37  # not a multiple of the window (16) or either ratio (4, 16)
     seg = jnp.concatenate([jnp.zeros((2, split), jnp.int32), jnp.ones((2, 80 - split), jnp.int32)], axis=1)
-    packed = dm.forward(tiny_params, F32, ids, segment_ids=seg, mtp=False).logits
-    first = dm.forward(tiny_params, F32, ids[:, :split], mtp=False).logits
-    second = dm.forward(tiny_params, F32, ids[:, split:], mtp=False).logits
+    packed = forward(tiny_params, F32, ids, segment_ids=seg, mtp=False).logits
+    first = forward(tiny_params, F32, ids[:, :split], mtp=False).logits
+    second = forward(tiny_params, F32, ids[:, split:], mtp=False).logits
     np.testing.assert_allclose(np.asarray(packed[:, :split]), np.asarray(first), atol=2e-5)
     np.testing.assert_allclose(np.asarray(packed[:, split:]), np.asarray(second), atol=2e-5)
 
@@ -49,22 +51,22 @@ def test_bf16_agrees_with_fp32(tiny_params, forward_f32, ids):
     identical, so the policy really changes the compute dtype)."""
     seg = jnp.zeros_like(ids)
     ref = np.asarray(forward_f32(tiny_params, ids, seg).logits)
-    low = np.asarray(dm.forward(tiny_params, F32.replace(compute_dtype="bfloat16"), ids).logits)
+    low = np.asarray(forward(tiny_params, F32.replace(compute_dtype="bfloat16"), ids).logits)
     assert low.dtype == np.float32
     err = np.abs(low - ref).max() / np.abs(ref).max()
     assert 0 < err < 0.05, err
 
 
 def test_moe_strategies_agree(tiny_params, ids):
-    dense = dm.forward(tiny_params, F32, ids, moe_strategy="dense")
-    ragged = dm.forward(tiny_params, F32, ids, moe_strategy="sorted")
+    dense = forward(tiny_params, F32, ids, moe_strategy="dense")
+    ragged = forward(tiny_params, F32, ids, moe_strategy="sorted")
     np.testing.assert_allclose(np.asarray(dense.logits), np.asarray(ragged.logits), atol=1e-5)
     with pytest.raises(ValueError, match="unknown MoE strategy"):
         dm.forward(tiny_params, F32, ids, moe_strategy="magic")
 
 
 def test_router_statistics(tiny_params, ids):
-    out = dm.forward(tiny_params, F32, ids)
+    out = forward(tiny_params, F32, ids)
     counts = np.asarray(out.aux["expert_counts"])  # [L, B, E]
     assert counts.shape == (F32.num_layers, 2, F32.num_experts)
     np.testing.assert_array_equal(counts.sum(-1), ids.shape[1] * F32.experts_per_token)
@@ -106,8 +108,8 @@ def test_remat_policies_do_not_change_values(tiny_params, ids):
     def loss(p, remat):
         return dm.forward(p, F32, ids, remat=remat).logits.mean()
 
-    g_none = jax.grad(loss, allow_int=True)(tiny_params, "none")  # tid2eid is an int buffer
-    g_full = jax.grad(loss, allow_int=True)(tiny_params, "full")
+    grad = jax.jit(jax.grad(loss, allow_int=True), static_argnums=1)  # tid2eid is an int buffer
+    g_none, g_full = grad(tiny_params, "none"), grad(tiny_params, "full")
     for a, b in zip(jax.tree.leaves(g_none), jax.tree.leaves(g_full)):
         if a.dtype != jax.dtypes.float0:
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)

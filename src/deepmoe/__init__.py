@@ -21,8 +21,14 @@ _EXPORTS = {
     "param_specs": "deepmoe.params",
     "load_pretrained": "deepmoe.io.pretrained",
     "save_pretrained": "deepmoe.io.pretrained",
+    "ShardingError": "deepmoe.sharding",
+    "ShardingRules": "deepmoe.sharding",
+    "make_mesh": "deepmoe.sharding",
+    "param_shardings": "deepmoe.sharding",
+    "shard_batch": "deepmoe.sharding",
+    "shard_params": "deepmoe.sharding",
 }
-_SUBMODULES = ("train", "infer", "backend", "io", "layers", "moe_dispatch")
+_SUBMODULES = ("train", "infer", "backend", "io", "layers", "moe_dispatch", "sharding", "plan")
 
 __all__ = sorted(_EXPORTS)
 

@@ -210,7 +210,16 @@ def _small() -> ModelConfig:
         routed_scaling_factor=1.5, num_mtp_layers=1)
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "v4-flash": _v4_flash, "v4-pro": _v4_pro}
+def _mini() -> ModelConfig:
+    # ~10M parameters: the benchmark size of the performance targets (sequence 512, batch 1).
+    return ModelConfig(
+        vocab_size=512, hidden_size=256, num_layers=4, num_heads=4, head_dim=128, rope_head_dim=32,
+        query_latent_dim=128, output_groups=2, output_group_latent_dim=128, layer_types=(SLIDING, CSA, HCA, CSA),
+        sliding_window=64, csa_compress_ratio=4, hca_compress_ratio=32, indexer_heads=8, indexer_head_dim=64,
+        indexer_topk=32, num_experts=8, experts_per_token=2, expert_hidden_dim=256, num_hash_layers=1)
+
+
+PRESETS = {"tiny": _tiny, "mini": _mini, "small": _small, "v4-flash": _v4_flash, "v4-pro": _v4_pro}
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from deepmoe.config import ModelConfig
@@ -37,20 +38,28 @@ def _check_inputs(cfg: ModelConfig, input_ids: jax.Array) -> None:
         raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise TypeError(f"input_ids must be integers, got {input_ids.dtype}")
-    if not isinstance(input_ids, jax.core.Tracer):
-        low, high = int(input_ids.min()), int(input_ids.max())
+    # Concrete ids (also when closed over by a jitted caller) are range-checked; traced ids and global arrays
+    # spread over several hosts cannot be read here.
+    if not isinstance(input_ids, jax.core.Tracer) and getattr(input_ids, "is_fully_addressable", True):
+        concrete = np.asarray(input_ids)
+        low, high = int(concrete.min()), int(concrete.max())
         if low < 0 or high >= cfg.vocab_size:
             raise ValueError(f"token id out of range: ids span [{low}, {high}] but vocab_size={cfg.vocab_size}")
 
 
-def _run_segments(params: dict, cfg: ModelConfig, streams, token_ids, positions, segment_ids, moe_strategy, remat):
+def _run_segments(params: dict, cfg: ModelConfig, streams, token_ids, positions, segment_ids, moe_strategy, remat,
+                  sharding=None):
     stats_per_layer: list[tuple[int, dict]] = []
-    for segment, seg_params in zip(layer_segments(cfg), params["segments"]):
+    for index, (segment, seg_params) in enumerate(zip(layer_segments(cfg), params["segments"])):
 
-        def body(carry, layer_params, segment=segment):
+        def body(carry, layer_params, segment=segment, index=index):
+            if sharding is not None:  # FSDP: gather this layer's parameters inside the scan
+                layer_params = sharding.gather_layer(index, layer_params)
             outs = []
             for (attn_type, _), p in zip(segment.kinds, layer_params):
                 carry, stats = block(p, cfg, attn_type, carry, token_ids, positions, segment_ids, moe_strategy)
+                if sharding is not None:
+                    carry = sharding.streams(carry)
                 outs.append(stats)
             return carry, outs
 
@@ -73,11 +82,21 @@ def logits_from_hidden(params: dict, hidden: jax.Array) -> jax.Array:
 
 
 def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
-            positions: jax.Array | None = None, mtp: bool = True, moe_strategy: str = "sorted",
-            remat: str = "none") -> ModelOutput:
+            positions: jax.Array | None = None, mtp: bool = True, moe_strategy="auto", remat: str = "none",
+            mesh=None, rules=None) -> ModelOutput:
     """Full-sequence forward. input_ids [B, T] int; segment_ids [B, T] marks packed documents (attention and
-    compression never cross them); positions default to the index inside each document."""
+    compression never cross them); positions default to the index inside each document.
+
+    moe_strategy: a name in moe_dispatch.NAMES or a moe_dispatch.MoEStrategy; "auto" = "sorted" without a mesh.
+    mesh / rules: run sharded (params placed by sharding.shard_params): activations constrained at block
+    boundaries, FSDP parameters gathered per layer, the MoE strategy bound to the mesh."""
     _check_inputs(cfg, input_ids)
+    sharding = None
+    if mesh is not None:
+        from deepmoe.sharding import ForwardSharding
+
+        sharding = ForwardSharding.create(cfg, mesh, rules, input_ids.shape[0])
+        moe_strategy = sharding.moe_strategy(moe_strategy)
     if segment_ids is None:
         segment_ids = jnp.zeros(input_ids.shape, jnp.int32)
     if positions is None:
@@ -85,13 +104,20 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, segment_ids
     dtype = compute_dtype(cfg)
     h0 = params["embed"][input_ids].astype(dtype)
     streams = jnp.broadcast_to(h0[:, :, None, :], (*h0.shape[:2], cfg.residual_streams, h0.shape[-1]))
-    streams, aux = _run_segments(params, cfg, streams, input_ids, positions, segment_ids, moe_strategy, remat)
+    if sharding is not None:
+        streams = sharding.streams(streams)
+    streams, aux = _run_segments(params, cfg, streams, input_ids, positions, segment_ids, moe_strategy, remat,
+                                 sharding)
     hidden = rms_norm(hc_head(params["hc_head"], cfg, streams), params["final_norm"], cfg.rms_norm_eps)
     logits = logits_from_hidden(params, hidden)
+    if sharding is not None:
+        logits = sharding.logits(logits)
     mtp_logits = None
     if mtp and cfg.num_mtp_layers and "mtp" in params:
         mtp_h, mtp_stats = mtp_hidden(params["mtp"], cfg, streams, params["embed"], input_ids, positions,
                                       segment_ids, moe_strategy)
         mtp_logits = logits_from_hidden(params, mtp_h)
+        if sharding is not None:
+            mtp_logits = sharding.logits(mtp_logits)
         aux = {**aux, **{f"mtp_{k}": v for k, v in mtp_stats.items()}}
     return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=aux)

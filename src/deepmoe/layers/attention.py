@@ -10,12 +10,15 @@ O(T * window) rather than O(T^2); compressed entries are scored densely against 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from deepmoe.config import CSA, SLIDING, ModelConfig
-from deepmoe.layers.compressor import compress, visible
-from deepmoe.layers.indexer import csa_selection
+from deepmoe.layers.compressor import CompressedEntries, compress, visible
+from deepmoe.layers.indexer import csa_selection, indexer_keys
 from deepmoe.layers.norms import rms_norm
 from deepmoe.layers.precision import compute_dtype, einsum
 from deepmoe.layers.rope import apply_rope, inverse_frequencies
@@ -35,6 +38,14 @@ def _with_previous_block(x: jax.Array, fill) -> jax.Array:
     """[B, nb, W, ...] -> [B, nb, 2W, ...]: each block preceded by the one before it."""
     previous = jnp.pad(x[:, :-1], [(0, 0), (1, 0)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
     return jnp.concatenate([previous, x], axis=2)
+
+
+def sink_softmax(logits: jax.Array, sinks: jax.Array) -> jax.Array:
+    """Softmax over the key axis with a per-head sink in the denominator: logits [..., H, K] f32, sinks [H]."""
+    sink = sinks.astype(jnp.float32)[:, None]  # [H, 1]
+    peak = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
+    probs = jnp.exp(logits - peak)
+    return probs / (jnp.sum(probs, axis=-1, keepdims=True) + jnp.exp(sink - peak))
 
 
 def sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: jax.Array, sinks: jax.Array,
@@ -61,37 +72,60 @@ def sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: j
         entry_logits = einsum(cfg, "bthc,bnc->bthn", q, entries).astype(jnp.float32) * scale
         entry_logits = jnp.where(entry_mask[:, :, None, :], entry_logits, NEG_INF)
         logits = jnp.concatenate([logits, _blocks(entry_logits, w, NEG_INF)], axis=-1)
-    sink = sinks.astype(jnp.float32)[:, None]  # [H, 1]
-    peak = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
-    probs = jnp.exp(logits - peak)
-    probs = probs / (jnp.sum(probs, axis=-1, keepdims=True) + jnp.exp(sink - peak))
+    probs = sink_softmax(logits, sinks)
     out = einsum(cfg, "bnqhk,bnkc->bnqhc", probs[..., :2 * w], k_blocks)
     if entries is not None:
         out = out + einsum(cfg, "bnqhk,bkc->bnqhc", probs[..., 2 * w:], entries)
     return out.reshape(b, -1, h, c)[:, :t]
 
 
-def attention(params: dict, cfg: ModelConfig, layer_type: str, x: jax.Array, positions: jax.Array,
-              segment_ids: jax.Array) -> jax.Array:
-    """x [B, T, D] (normed attention input) -> [B, T, D]."""
-    inv_freq = inverse_frequencies(cfg, layer_type)
+class AttentionState(NamedTuple):
+    """What one layer's attention computed that the inference cache keeps (see deepmoe.infer.cache)."""
+    kv: jax.Array  # [B, T, c] window keys (= values), rotated
+    entries: CompressedEntries | None  # compressed entries + per-token compressor projections (CSA / HCA)
+    index_keys: CompressedEntries | None  # the indexer's compressed keys (CSA)
+
+
+def project_query_kv(params: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, inv_freq: np.ndarray
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x [B, T, D] -> (query latent [B, T, d_c], rotated queries [B, T, H, c], rotated kv [B, T, c])."""
     query_latent = rms_norm(einsum(cfg, "btd,dr->btr", x, params["q_down"]), params["q_norm"], cfg.rms_norm_eps)
     q = einsum(cfg, "btr,rhc->bthc", query_latent, params["q_up"])
     q = apply_rope(rms_norm(q, None, cfg.rms_norm_eps), positions[..., None], inv_freq)
     kv = rms_norm(einsum(cfg, "btd,dc->btc", x, params["kv_proj"]), params["kv_norm"], cfg.rms_norm_eps)
-    kv = apply_rope(kv, positions, inv_freq)
+    return query_latent, q, apply_rope(kv, positions, inv_freq)
 
-    entries = entry_mask = None
+
+def output_projection(params: dict, cfg: ModelConfig, out: jax.Array, positions: jax.Array, inv_freq: np.ndarray
+                      ) -> jax.Array:
+    """Attention output [B, T, H, c] -> de-rotated, grouped output projection [B, T, D]."""
+    out = apply_rope(out, positions[..., None], inv_freq, inverse=True)
+    grouped = out.reshape(*out.shape[:2], cfg.output_groups, cfg.output_group_input_dim)
+    latent = einsum(cfg, "btgi,gil->btgl", grouped, params["o_group_proj"])
+    return einsum(cfg, "btgl,gld->btd", latent, params["o_proj"]).astype(compute_dtype(cfg))
+
+
+def attention_with_state(params: dict, cfg: ModelConfig, layer_type: str, x: jax.Array, positions: jax.Array,
+                         segment_ids: jax.Array) -> tuple[jax.Array, AttentionState]:
+    """x [B, T, D] (normed attention input) -> ([B, T, D], the tensors an inference cache is built from)."""
+    inv_freq = inverse_frequencies(cfg, layer_type)
+    query_latent, q, kv = project_query_kv(params, cfg, x, positions, inv_freq)
+
+    compressed = index_keys = entries = entry_mask = None
     if layer_type != SLIDING:
         compressed = compress(params["compressor"], cfg, x, positions, segment_ids,
                               ratio=cfg.compress_ratio(layer_type), overlap=layer_type == CSA, inv_freq=inv_freq)
         entries = compressed.values.astype(kv.dtype)
         entry_mask = visible(compressed, segment_ids)
         if layer_type == CSA:
+            index_keys = indexer_keys(params["indexer"], cfg, x, positions, segment_ids, inv_freq)
             entry_mask = entry_mask & csa_selection(params["indexer"], cfg, x, query_latent, positions,
-                                                    segment_ids, inv_freq)
+                                                    segment_ids, inv_freq, index_keys)
     out = sink_attention(cfg, q, kv, segment_ids, params["sinks"], entries, entry_mask)
-    out = apply_rope(out, positions[..., None], inv_freq, inverse=True)
-    grouped = out.reshape(*out.shape[:2], cfg.output_groups, cfg.output_group_input_dim)
-    latent = einsum(cfg, "btgi,gil->btgl", grouped, params["o_group_proj"])
-    return einsum(cfg, "btgl,gld->btd", latent, params["o_proj"]).astype(compute_dtype(cfg))
+    return output_projection(params, cfg, out, positions, inv_freq), AttentionState(kv, compressed, index_keys)
+
+
+def attention(params: dict, cfg: ModelConfig, layer_type: str, x: jax.Array, positions: jax.Array,
+              segment_ids: jax.Array) -> jax.Array:
+    """x [B, T, D] (normed attention input) -> [B, T, D]."""
+    return attention_with_state(params, cfg, layer_type, x, positions, segment_ids)[0]

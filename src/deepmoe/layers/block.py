@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 
 from deepmoe.config import ModelConfig
@@ -9,16 +11,29 @@ from deepmoe.layers.attention import attention
 from deepmoe.layers.hyper import hc_post, hc_pre
 from deepmoe.layers.moe import moe
 from deepmoe.layers.norms import rms_norm
+from deepmoe.moe_dispatch import with_extras
+
+
+def block_with(attention_fn: Callable[[dict, jax.Array], tuple[jax.Array, Any]], params: dict, cfg: ModelConfig,
+               streams: jax.Array, token_ids: jax.Array, moe_strategy: str = "sorted"
+               ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
+    """The block around any attention: attention_fn(attn_params, normed x [B, T, D]) -> (output, extra).
+    streams [B, T, n, D] -> (streams, router statistics, extra). Cached decoding plugs its attention in here."""
+    x, post, comb = hc_pre(params["attn_hc"], cfg, streams)
+    a, extra = attention_fn(params["attn"], rms_norm(x, params["attn_norm"], cfg.rms_norm_eps))
+    streams = hc_post(a, streams, post, comb)
+    x, post, comb = hc_pre(params["ffn_hc"], cfg, streams)
+    strategy, extras = with_extras(moe_strategy)  # mesh-bound strategies add e.g. dropped_tokens
+    f, stats = moe(params["moe"], cfg, rms_norm(x, params["ffn_norm"], cfg.rms_norm_eps), token_ids, strategy)
+    return hc_post(f, streams, post, comb), {**stats, **extras}, extra
 
 
 def block(params: dict, cfg: ModelConfig, layer_type: str, streams: jax.Array, token_ids: jax.Array,
-          positions: jax.Array, segment_ids: jax.Array, moe_strategy: str = "sorted"
+          positions: jax.Array, segment_ids: jax.Array, moe_strategy="auto"
           ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """streams [B, T, n, D] -> (streams, router statistics)."""
-    x, post, comb = hc_pre(params["attn_hc"], cfg, streams)
-    a = attention(params["attn"], cfg, layer_type, rms_norm(x, params["attn_norm"], cfg.rms_norm_eps),
-                  positions, segment_ids)
-    streams = hc_post(a, streams, post, comb)
-    x, post, comb = hc_pre(params["ffn_hc"], cfg, streams)
-    f, stats = moe(params["moe"], cfg, rms_norm(x, params["ffn_norm"], cfg.rms_norm_eps), token_ids, moe_strategy)
-    return hc_post(f, streams, post, comb), stats
+    def attn(p, x):
+        return attention(p, cfg, layer_type, x, positions, segment_ids), None
+
+    streams, stats, _ = block_with(attn, params, cfg, streams, token_ids, moe_strategy)
+    return streams, stats

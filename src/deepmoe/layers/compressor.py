@@ -28,6 +28,8 @@ class CompressedEntries(NamedTuple):
     values: jax.Array  # [B, N, dim]
     end_index: jax.Array  # [B, N] row index of the window's last token; T for an empty slot
     segment_ids: jax.Array  # [B, N] document of the entry
+    token_kv: jax.Array | None = None  # [B, T, width] float32 per-token projections (the inference cache's
+    token_gate: jax.Array | None = None  # pending state is built from them); gate includes the position bias
 
 
 def _window_end_indices(positions: jax.Array, segment_ids: jax.Array, ratio: int) -> jax.Array:
@@ -44,14 +46,28 @@ def _gather_rows(x: jax.Array, index: jax.Array) -> jax.Array:
     return rows.reshape(b, n, w, x.shape[-1])
 
 
+def project(params: dict, x: jax.Array, positions: jax.Array, ratio: int) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, D] -> per-token (kv, gate) [B, T, width] float32; the gate already carries the position bias."""
+    kv = einsum_f32("btd,dc->btc", x, params["kv_proj"])
+    gate = einsum_f32("btd,dc->btc", x, params["gate_proj"])
+    return kv, gate + params["position_bias"].astype(jnp.float32)[positions % ratio]
+
+
+def pool(params: dict, cfg: ModelConfig, slots_kv: jax.Array, slots_gate: jax.Array, start_position: jax.Array,
+         inv_freq: np.ndarray) -> jax.Array:
+    """Per-channel softmax pool over the slot axis: slots [..., W, dim], start_position [...] -> entries [..., dim]
+    (RMS-normed, rotated at the window's start position)."""
+    pooled = jnp.sum(jax.nn.softmax(slots_gate, axis=-2) * slots_kv, axis=-2)
+    pooled = rms_norm(pooled, params["kv_norm"], cfg.rms_norm_eps)
+    return apply_rope(pooled, start_position, inv_freq)
+
+
 def compress(params: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, *,
              ratio: int, overlap: bool, inv_freq: np.ndarray) -> CompressedEntries:
     """x [B, T, D] (the attention input) -> entries. Computed in float32 as the official code does."""
     t = x.shape[1]
     dim = params["kv_norm"].shape[-1]
-    kv = einsum_f32("btd,dc->btc", x, params["kv_proj"])
-    gate = einsum_f32("btd,dc->btc", x, params["gate_proj"])
-    gate = gate + params["position_bias"].astype(jnp.float32)[positions % ratio]
+    kv, gate = project(params, x, positions, ratio)
 
     end = _window_end_indices(positions, segment_ids, ratio)
     valid = end >= 0
@@ -67,14 +83,14 @@ def compress(params: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
         prev_gate = jnp.where(has_previous[..., None, None], prev_gate, -jnp.inf)
         slots_kv = jnp.concatenate([prev_kv, slots_kv[..., dim:]], axis=2)
         slots_gate = jnp.concatenate([prev_gate, slots_gate[..., dim:]], axis=2)
-    pooled = jnp.sum(jax.nn.softmax(slots_gate, axis=2) * slots_kv, axis=2)  # [B, N, dim]
-    pooled = rms_norm(pooled, params["kv_norm"], cfg.rms_norm_eps)
     start_position = jnp.take_along_axis(positions, end, axis=1) - (ratio - 1)
-    values = apply_rope(pooled, start_position, inv_freq)
+    values = pool(params, cfg, slots_kv, slots_gate, start_position, inv_freq)  # [B, N, dim]
     return CompressedEntries(
         values=values,
         end_index=jnp.where(valid, end, t),
         segment_ids=jnp.take_along_axis(segment_ids, end, axis=1),
+        token_kv=kv,
+        token_gate=gate,
     )
 
 

@@ -11,21 +11,41 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepmoe.config import ModelConfig
-from deepmoe.layers.compressor import compress, visible
+from deepmoe.layers.compressor import CompressedEntries, compress, visible
 from deepmoe.layers.precision import einsum_f32
 from deepmoe.layers.rope import apply_rope
 
 
-def index_scores(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax.Array, positions: jax.Array,
-                 segment_ids: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-    """-> (scores [B, T, N] float32 with -inf where not visible, visibility mask [B, T, N])."""
-    keys = compress(params["compressor"], cfg, x, positions, segment_ids, ratio=cfg.csa_compress_ratio,
+def indexer_keys(params: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                 inv_freq: np.ndarray) -> CompressedEntries:
+    """The indexer's own compressed keys K^I [B, N, c_I] (overlapping windows of csa_compress_ratio)."""
+    return compress(params["compressor"], cfg, x, positions, segment_ids, ratio=cfg.csa_compress_ratio,
                     overlap=True, inv_freq=inv_freq)
+
+
+def indexer_queries(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax.Array, positions: jax.Array,
+                    inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """-> (rotated queries [B, T, H_I, c_I] float32, head weights [B, T, H_I] float32 incl. H_I^-1/2)."""
     q = einsum_f32("btc,chd->bthd", query_latent, params["q_up"])
     q = apply_rope(q, positions[..., None], inv_freq)
     head_weights = einsum_f32("btd,dh->bth", x, params["weights_proj"]) * cfg.indexer_heads ** -0.5
-    logits = jax.nn.relu(jnp.einsum("bthd,bnd->bthn", q, keys.values, precision=jax.lax.Precision.HIGHEST))
-    scores = jnp.einsum("bthn,bth->btn", logits, head_weights) * cfg.indexer_head_dim ** -0.5
+    return q, head_weights
+
+
+def score_keys(cfg: ModelConfig, q: jax.Array, head_weights: jax.Array, keys: jax.Array) -> jax.Array:
+    """I[t, s] = sum_h w[t, h] ReLU(q[t, h] . k[s]) / sqrt(c_I): q [B, T, H, c], keys [B, N, c] -> [B, T, N]."""
+    logits = jax.nn.relu(jnp.einsum("bthd,bnd->bthn", q, keys, precision=jax.lax.Precision.HIGHEST))
+    return jnp.einsum("bthn,bth->btn", logits, head_weights) * cfg.indexer_head_dim ** -0.5
+
+
+def index_scores(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax.Array, positions: jax.Array,
+                 segment_ids: jax.Array, inv_freq: np.ndarray, keys: CompressedEntries | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """-> (scores [B, T, N] float32 with -inf where not visible, visibility mask [B, T, N])."""
+    if keys is None:
+        keys = indexer_keys(params, cfg, x, positions, segment_ids, inv_freq)
+    q, head_weights = indexer_queries(params, cfg, x, query_latent, positions, inv_freq)
+    scores = score_keys(cfg, q, head_weights, keys.values)
     mask = visible(keys, segment_ids)
     return jnp.where(mask, scores, -jnp.inf), mask
 
@@ -43,7 +63,8 @@ def select_topk(scores: jax.Array, mask: jax.Array, k: int) -> jax.Array:
 
 
 def csa_selection(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax.Array, positions: jax.Array,
-                  segment_ids: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    scores, mask = index_scores(params, cfg, x, query_latent, positions, segment_ids, inv_freq)
+                  segment_ids: jax.Array, inv_freq: np.ndarray, keys: CompressedEntries | None = None
+                  ) -> jax.Array:
+    scores, mask = index_scores(params, cfg, x, query_latent, positions, segment_ids, inv_freq, keys)
     return select_topk(jax.lax.stop_gradient(scores), mask, cfg.indexer_topk)
 

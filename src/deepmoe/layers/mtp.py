@@ -18,15 +18,26 @@ def next_tokens(token_ids: jax.Array) -> jax.Array:
     return jnp.concatenate([token_ids[:, 1:], jnp.zeros_like(token_ids[:, :1])], axis=1)
 
 
+def mtp_input(params: dict, cfg: ModelConfig, streams: jax.Array, embed: jax.Array, following: jax.Array
+              ) -> jax.Array:
+    """Main streams [B, T, n, D] + the next tokens [B, T] -> the MTP block's input streams [B, T, n, D]."""
+    e = rms_norm(embed[following].astype(compute_dtype(cfg)), params["embed_norm"], cfg.rms_norm_eps)
+    h = rms_norm(streams, params["hidden_norm"], cfg.rms_norm_eps)
+    x = einsum(cfg, "btd,de->bte", e, params["embed_proj"])[:, :, None, :] + einsum(
+        cfg, "btnd,de->btne", h, params["hidden_proj"])
+    return x.astype(streams.dtype)
+
+
+def mtp_output(params: dict, cfg: ModelConfig, streams: jax.Array) -> jax.Array:
+    """The MTP block's output streams -> normed hidden [B, T, D] for the shared LM head."""
+    return rms_norm(hc_head(params["hc_head"], cfg, streams), params["norm"], cfg.rms_norm_eps)
+
+
 def mtp_hidden(params: dict, cfg: ModelConfig, streams: jax.Array, embed: jax.Array, token_ids: jax.Array,
                positions: jax.Array, segment_ids: jax.Array, moe_strategy: str
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """streams: the last main layer's [B, T, n, D] -> (normed MTP hidden [B, T, D], router statistics)."""
     following = next_tokens(token_ids)
-    e = rms_norm(embed[following].astype(compute_dtype(cfg)), params["embed_norm"], cfg.rms_norm_eps)
-    h = rms_norm(streams, params["hidden_norm"], cfg.rms_norm_eps)
-    x = einsum(cfg, "btd,de->bte", e, params["embed_proj"])[:, :, None, :] + einsum(
-        cfg, "btnd,de->btne", h, params["hidden_proj"])
-    x, stats = block(params["block"], cfg, SLIDING, x.astype(streams.dtype), following, positions, segment_ids,
-                     moe_strategy)
-    return rms_norm(hc_head(params["hc_head"], cfg, x), params["norm"], cfg.rms_norm_eps), stats
+    x = mtp_input(params, cfg, streams, embed, following)
+    x, stats = block(params["block"], cfg, SLIDING, x, following, positions, segment_ids, moe_strategy)
+    return mtp_output(params, cfg, x), stats

@@ -166,7 +166,10 @@ def run_sharded(body: Callable, params: dict, cfg, x: jax.Array, expert_ids: jax
             x, ids, w, valid = (jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in (x, ids, w, valid))
         y, dropped = body(p, cfg, x, ids, w, lay, valid, **options)
         if lay.split_tokens:
-            y = jax.lax.all_gather(y, lay.expert_axis, tiled=True)[:n]
+            # reassemble by a psum of disjoint pieces: unlike all_gather its result is typed invariant over
+            # the expert axis (the out_spec says replicated there); 2x the bytes, only on this fallback path
+            y = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((chunk * g, d), y.dtype), y, start, 0)
+            y = jax.lax.psum(y, lay.expert_axis)[:n]
             dropped = jax.lax.psum(dropped, lay.expert_axis)
         if lay.tensor_axes:
             y = jax.lax.psum(y, lay.tensor_axes)

@@ -95,7 +95,7 @@ def ragged_body(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights:
     all_counts = jnp.bincount(flat, length=e).astype(jnp.int32)
     starts = (jnp.cumsum(all_counts) - all_counts).astype(jnp.int32)  # [E] group starts in sorted order
     # Padding copies (split tokens) sort last within their expert: slices stop before them.
-    counts = jnp.bincount(flat, weights=copy_valid, length=e).astype(jnp.int32)  # [E] rows offered per expert
+    counts = jnp.bincount(flat, weights=copy_valid.astype(jnp.int32), length=e).astype(jnp.int32)  # [E] offered
     rows = x.astype(dtype)[order // k]  # [M, D] sorted by expert
 
     # What every source sends me, per (source, local expert); and where my slices start at the sources.

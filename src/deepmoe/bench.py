@@ -1,0 +1,256 @@
+"""`deepmoe bench`: speed and memory on this machine, against its measured peak and against transformers.
+
+Measured, in one process:
+- peak matmul FLOP/s (fp32 and bf16 `jnp.dot` of two N x N matrices; the best of several runs);
+- forward tokens/s, train-step tokens/s (AdamW; fp32 master params, compute in cfg.compute_dtype), compile times;
+- MFU = model FLOPs per token x tokens/s / measured peak of the compute dtype. Model FLOPs per token come from
+  `deepmoe.plan.flops_per_token` (2 x active matmul parameters + attention 4*H*c*keys + indexer terms; a train
+  step counts 3x the forward, no remat);
+- prefill and decode tokens/s (`deepmoe.infer.generate`, greedy);
+- peak memory: XLA's `memory_analysis()` of each compiled program and the process's peak RSS;
+- with --compare-transformers: transformers' `DeepseekV4ForCausalLM` on the same config (eager attention, float32,
+  torch threads = this machine's cores): forward, an AdamW train step, and `generate`, reported as ratios.
+Times are medians over repeats after a warm-up. Writes JSON (default runs/bench/<preset>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _median_time(fn: Callable[[], Any], repeats: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul in `dtype` (the machine's practical peak for that dtype)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
+    b = jax.random.normal(jax.random.key(1), (size, size), jnp.dtype(dtype))
+    matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    best = min(_median_time(lambda: matmul(a, b), 1) for _ in range(repeats))
+    return 2.0 * size ** 3 / best
+
+
+def _memory(compiled) -> dict[str, int]:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return {}
+    return {k: int(getattr(analysis, k)) for k in ("temp_size_in_bytes", "argument_size_in_bytes",
+                                                   "output_size_in_bytes") if hasattr(analysis, k)}
+
+
+def bench_forward(cfg, params, ids, repeats: int) -> dict[str, Any]:
+    import jax
+
+    import deepmoe as dm
+
+    fn = jax.jit(lambda p, x: dm.forward(p, cfg, x, mtp=False).logits)
+    start = time.perf_counter()
+    compiled = fn.lower(params, ids).compile()
+    compile_s = time.perf_counter() - start
+    seconds = _median_time(lambda: compiled(params, ids), repeats)
+    return {"compile_s": compile_s, "seconds": seconds, "tokens_per_s": ids.size / seconds,
+            "memory": _memory(compiled)}
+
+
+def bench_train(cfg, ids, repeats: int) -> dict[str, Any]:
+    import jax
+
+    from deepmoe import train
+
+    tcfg = train.TrainConfig(optimizer="adamw", batch_size=ids.shape[0], seq_len=ids.shape[1])
+    state = train.init_state(cfg, tcfg, jax.random.key(0))
+    step = train.make_train_step(cfg, tcfg)
+    batch = {"input_ids": ids}
+    start = time.perf_counter()
+    state, _ = step(state, batch)
+    jax.block_until_ready(state)
+    compile_s = time.perf_counter() - start
+
+    def run():
+        nonlocal state
+        state, metrics = step(state, batch)
+        return metrics
+
+    seconds = _median_time(run, repeats)
+    return {"compile_plus_first_step_s": compile_s, "seconds": seconds, "tokens_per_s": ids.size / seconds}
+
+
+def bench_generate(cfg, params, prompt, new_tokens: int) -> dict[str, Any]:
+    import jax
+
+    from deepmoe.infer.generate import generate
+
+    def run(n):
+        return generate(params, cfg, prompt, max_new_tokens=n, stop_tokens=())
+
+    jax.block_until_ready(run(1).tokens)  # compile prefill + decode
+    jax.block_until_ready(run(new_tokens).tokens)
+    prefill = _median_time(lambda: run(1).tokens, 3)
+    full = _median_time(lambda: run(new_tokens).tokens, 3)
+    decode = max(full - prefill, 1e-9) / (new_tokens - 1)
+    return {"prefill_tokens_per_s": prompt.size / prefill, "decode_tokens_per_s": prompt.shape[0] / decode}
+
+
+def bench_transformers(cfg, ids: np.ndarray, repeats: int, new_tokens: int, skip: set[str]) -> dict[str, Any]:
+    import torch
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
+    hf["num_nextn_predict_layers"] = 0
+    hf_cfg = DeepseekV4Config(**hf)
+    hf_cfg._attn_implementation = "eager"
+    model = DeepseekV4ForCausalLM(hf_cfg).float()
+    x = torch.as_tensor(np.array(ids), dtype=torch.long)
+
+    def timed(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    out: dict[str, Any] = {}
+    model.eval()
+    with torch.no_grad():
+        out["forward_tokens_per_s"] = ids.size / timed(lambda: model(input_ids=x, use_cache=False))
+    if "train" not in skip:
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def train_step():
+            optimizer.zero_grad()
+            logits = model(input_ids=x, use_cache=False).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                     x[:, 1:].reshape(-1))
+            loss.backward()
+            optimizer.step()
+
+        out["train_tokens_per_s"] = ids.size / timed(train_step)
+    if "decode" not in skip:
+        model.eval()
+        prompt = x[:, : min(64, x.shape[1])]
+        with torch.no_grad():
+            one = timed(lambda: model.generate(prompt, max_new_tokens=1, do_sample=False, min_new_tokens=1))
+            full = timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
+                                                min_new_tokens=new_tokens))
+        out["prefill_tokens_per_s"] = prompt.numel() / one
+        out["decode_tokens_per_s"] = prompt.shape[0] / (max(full - one, 1e-9) / (new_tokens - 1))
+    return out
+
+
+def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compare: bool,
+              skip: set[str], log: Callable[[str], None] = print) -> dict[str, Any]:
+    import jax
+
+    import deepmoe as dm
+    from deepmoe.plan import PlanOptions, flops_per_token
+
+    result: dict[str, Any] = {"config": json.loads(cfg.to_json()), "batch": batch, "seq": seq,
+                              "backend": jax.default_backend(), "devices": len(jax.devices()),
+                              "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    log("measuring peak matmul FLOP/s ...")
+    result["peak_flops"] = {d: measure_peak_flops(d) for d in ("float32", "bfloat16")}
+    peak = result["peak_flops"][cfg.compute_dtype]
+    flops = flops_per_token(cfg.replace(num_mtp_layers=0), PlanOptions(mode="train", seq_len=seq, remat="none"))
+    result["model_flops_per_token"] = {"forward": flops["forward"], "train": flops["model"]}
+    params = dm.init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
+
+    log("forward ...")
+    result["forward"] = bench_forward(cfg, params, ids, repeats)
+    result["forward"]["mfu"] = flops["forward"] * result["forward"]["tokens_per_s"] / peak
+    if "train" not in skip:
+        log("train step ...")
+        result["train"] = bench_train(cfg, ids, repeats)
+        result["train"]["mfu"] = flops["model"] * result["train"]["tokens_per_s"] / peak
+    if "decode" not in skip:
+        log("prefill + decode ...")
+        result["generate"] = bench_generate(cfg.replace(num_mtp_layers=0), params, ids[:, : min(64, seq)],
+                                            new_tokens)
+    if compare:
+        log("transformers ...")
+        hf = bench_transformers(cfg, np.asarray(ids), repeats, new_tokens, skip)
+        result["transformers"] = hf
+        ours = {"forward_tokens_per_s": result["forward"]["tokens_per_s"],
+                "train_tokens_per_s": result.get("train", {}).get("tokens_per_s"),
+                "prefill_tokens_per_s": result.get("generate", {}).get("prefill_tokens_per_s"),
+                "decode_tokens_per_s": result.get("generate", {}).get("decode_tokens_per_s")}
+        result["speedup_vs_transformers"] = {k: ours[k] / hf[k] for k in hf if ours.get(k)}
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return result
+
+
+def format_result(r: dict[str, Any]) -> str:
+    lines = [f"backend {r['backend']} ({r['cpu_count']} cores), batch {r['batch']} x seq {r['seq']}",
+             f"peak matmul: fp32 {r['peak_flops']['float32'] / 1e9:.1f} GFLOP/s, "
+             f"bf16 {r['peak_flops']['bfloat16'] / 1e9:.1f} GFLOP/s"]
+    f = r["forward"]
+    lines.append(f"forward: {f['tokens_per_s']:.0f} tok/s, MFU {100 * f['mfu']:.1f}%, compile {f['compile_s']:.1f}s, "
+                 f"temp memory {f['memory'].get('temp_size_in_bytes', 0) / 2**20:.1f} MiB")
+    if "train" in r:
+        t = r["train"]
+        lines.append(f"train step: {t['tokens_per_s']:.0f} tok/s, MFU {100 * t['mfu']:.1f}%")
+    if "generate" in r:
+        g = r["generate"]
+        lines.append(f"prefill {g['prefill_tokens_per_s']:.0f} tok/s, decode {g['decode_tokens_per_s']:.1f} tok/s")
+    for key, ratio in r.get("speedup_vs_transformers", {}).items():
+        lines.append(f"vs transformers, {key.replace('_tokens_per_s', '')}: {ratio:.2f}x")
+    lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deepmoe.config import PRESETS
+
+    parser = argparse.ArgumentParser(prog="deepmoe bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    source.add_argument("--hf-config", metavar="FILE", help="an HF DeepseekV4 config.json instead of a preset")
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated in the decode benchmark")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: train,decode")
+    parser.add_argument("--compare-transformers", action="store_true")
+    parser.add_argument("--json", metavar="FILE", help="where to write the results (default runs/bench/NAME.json)")
+    args = parser.parse_args(argv)
+
+    import deepmoe as dm
+
+    cfg = dm.ModelConfig.from_hf(args.hf_config) if args.hf_config else dm.preset(args.preset)
+    cfg = cfg.replace(compute_dtype=args.dtype)
+    result = run_bench(cfg, batch=args.batch, seq=args.seq, repeats=args.repeats, new_tokens=args.new_tokens,
+                       compare=args.compare_transformers, skip=set(filter(None, args.skip.split(","))))
+    result["name"] = Path(args.hf_config).stem if args.hf_config else args.preset
+    print(format_result(result))
+    out = Path(args.json or f"runs/bench/{result['name']}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
