@@ -21,6 +21,7 @@ SCORE_MOE = "moe"
 MOE_TYPES = (HASH_MOE, SCORE_MOE)
 _ATTENTION_ALIASES = {"swa": SLIDING, "sliding": SLIDING, "csa": CSA, "hca": HCA}
 DTYPES = ("float32", "bfloat16")
+KERNELS = ("reference", "pallas", "auto")
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,9 @@ class ModelConfig:
     # norms, router, mHC, compressor softmax, sinks and logits always run in float32.
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
+    # Attention core: "reference" (jnp), "pallas" (pallas_kernels; interpreted where there is no lowering),
+    # "auto" (Pallas on GPU, reference elsewhere). An execution choice, kept here because cfg is static.
+    kernels: str = "reference"
     bos_token_id: int = 0
     eos_token_id: int = 1
 
@@ -160,6 +164,8 @@ def validate(cfg: ModelConfig) -> None:
     for name in ("param_dtype", "compute_dtype"):
         if getattr(cfg, name) not in DTYPES:
             _fail(name, f"unknown dtype {getattr(cfg, name)!r}", f"use one of {DTYPES}")
+    if cfg.kernels not in KERNELS:
+        _fail("kernels", f"unknown kernel choice {cfg.kernels!r}", f"use one of {KERNELS}")
     if cfg.bos_token_id >= cfg.vocab_size or cfg.eos_token_id >= cfg.vocab_size:
         _fail("vocab_size", f"{cfg.vocab_size} does not cover bos/eos ids {cfg.bos_token_id}/{cfg.eos_token_id}",
               "enlarge the vocabulary")

@@ -83,13 +83,16 @@ def logits_from_hidden(params: dict, hidden: jax.Array) -> jax.Array:
 
 def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, segment_ids: jax.Array | None = None,
             positions: jax.Array | None = None, mtp: bool = True, moe_strategy="auto", remat: str = "none",
-            mesh=None, rules=None) -> ModelOutput:
+            mesh=None, rules=None, kernels: str | None = None) -> ModelOutput:
     """Full-sequence forward. input_ids [B, T] int; segment_ids [B, T] marks packed documents (attention and
     compression never cross them); positions default to the index inside each document.
 
     moe_strategy: a name in moe_dispatch.NAMES or a moe_dispatch.MoEStrategy; "auto" = "sorted" without a mesh.
     mesh / rules: run sharded (params placed by sharding.shard_params): activations constrained at block
-    boundaries, FSDP parameters gathered per layer, the MoE strategy bound to the mesh."""
+    boundaries, FSDP parameters gathered per layer, the MoE strategy bound to the mesh.
+    kernels: override cfg.kernels ("reference" | "pallas" | "auto") for the attention core."""
+    if kernels is not None:
+        cfg = cfg.replace(kernels=kernels)
     _check_inputs(cfg, input_ids)
     sharding = None
     if mesh is not None:

@@ -19,6 +19,7 @@ import numpy as np
 from deepmoe.config import CSA, SLIDING, ModelConfig
 from deepmoe.layers.compressor import CompressedEntries, compress, visible
 from deepmoe.layers.indexer import csa_selection, indexer_keys
+from deepmoe.layers.kernel_attention import kernel_sink_attention
 from deepmoe.layers.norms import rms_norm
 from deepmoe.layers.precision import compute_dtype, einsum
 from deepmoe.layers.rope import apply_rope, inverse_frequencies
@@ -111,6 +112,8 @@ def attention_with_state(params: dict, cfg: ModelConfig, layer_type: str, x: jax
     inv_freq = inverse_frequencies(cfg, layer_type)
     query_latent, q, kv = project_query_kv(params, cfg, x, positions, inv_freq)
 
+    if use_pallas_kernels(cfg):
+        return _kernel_attention(params, cfg, layer_type, x, positions, segment_ids, inv_freq, query_latent, q, kv)
     compressed = index_keys = entries = entry_mask = None
     if layer_type != SLIDING:
         compressed = compress(params["compressor"], cfg, x, positions, segment_ids,
@@ -122,6 +125,25 @@ def attention_with_state(params: dict, cfg: ModelConfig, layer_type: str, x: jax
             entry_mask = entry_mask & csa_selection(params["indexer"], cfg, x, query_latent, positions,
                                                     segment_ids, inv_freq, index_keys)
     out = sink_attention(cfg, q, kv, segment_ids, params["sinks"], entries, entry_mask)
+    return output_projection(params, cfg, out, positions, inv_freq), AttentionState(kv, compressed, index_keys)
+
+
+def use_pallas_kernels(cfg: ModelConfig) -> bool:
+    """cfg.kernels: "pallas" always (interpreted where there is no Pallas lowering), "auto" on GPU only."""
+    return cfg.kernels == "pallas" or (cfg.kernels == "auto" and jax.default_backend() == "gpu")
+
+
+def _kernel_attention(params, cfg, layer_type, x, positions, segment_ids, inv_freq, query_latent, q, kv):
+    """The same layer with its attention core in `pallas_kernels` (no [T, T] or [T, N] score matrices)."""
+    compressed = index_keys = selection = None
+    if layer_type != SLIDING:
+        compressed = compress(params["compressor"], cfg, x, positions, segment_ids,
+                              ratio=cfg.compress_ratio(layer_type), overlap=layer_type == CSA, inv_freq=inv_freq)
+        if layer_type == CSA:
+            index_keys = indexer_keys(params["indexer"], cfg, x, positions, segment_ids, inv_freq)
+            selection = csa_selection(params["indexer"], cfg, x, query_latent, positions, segment_ids, inv_freq,
+                                      index_keys, as_indices=True)
+    out = kernel_sink_attention(cfg, q, kv, segment_ids, params["sinks"], compressed, selection, impl="pallas")
     return output_projection(params, cfg, out, positions, inv_freq), AttentionState(kv, compressed, index_keys)
 
 

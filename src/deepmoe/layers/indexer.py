@@ -50,21 +50,29 @@ def index_scores(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax
     return jnp.where(mask, scores, -jnp.inf), mask
 
 
+def topk_entries(scores: jax.Array, mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """-> (indices [B, T, k'], valid [B, T, k']) of the top-k visible entries per query, k' = min(k, N);
+    ties go to the lower index (lax.top_k); `valid` is False where fewer than k entries are visible."""
+    k = min(k, scores.shape[-1])
+    _, chosen = jax.lax.top_k(scores, k)
+    return chosen, jnp.take_along_axis(mask, chosen, axis=-1)
+
+
 def select_topk(scores: jax.Array, mask: jax.Array, k: int) -> jax.Array:
     """[B, T, N] bool: the top-k visible entries per query (all visible ones when fewer than k)."""
-    num_entries = scores.shape[-1]
-    k = min(k, num_entries)
-    if k == 0:
+    if min(k, scores.shape[-1]) == 0:
         return mask
-    _, chosen = jax.lax.top_k(scores, k)  # ties go to the lower index
-    selected = jnp.zeros(scores.shape, bool)
-    selected = jnp.put_along_axis(selected, chosen, True, axis=-1, inplace=False)
+    chosen, _ = topk_entries(scores, mask, k)
+    selected = jnp.put_along_axis(jnp.zeros(scores.shape, bool), chosen, True, axis=-1, inplace=False)
     return selected & mask
 
 
 def csa_selection(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax.Array, positions: jax.Array,
-                  segment_ids: jax.Array, inv_freq: np.ndarray, keys: CompressedEntries | None = None
-                  ) -> jax.Array:
+                  segment_ids: jax.Array, inv_freq: np.ndarray, keys: CompressedEntries | None = None,
+                  as_indices: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """The CSA selection: a [B, T, N] mask, or with `as_indices` the (indices, valid) pair of `topk_entries`."""
     scores, mask = index_scores(params, cfg, x, query_latent, positions, segment_ids, inv_freq, keys)
-    return select_topk(jax.lax.stop_gradient(scores), mask, cfg.indexer_topk)
-
+    scores = jax.lax.stop_gradient(scores)
+    if as_indices:
+        return topk_entries(scores, mask, cfg.indexer_topk)
+    return select_topk(scores, mask, cfg.indexer_topk)

@@ -11,9 +11,6 @@ import jax
 from deepmoe.config import ModelConfig
 from deepmoe.layers.compressor import CompressedEntries
 
-KERNEL_CHOICES = ("reference", "pallas", "auto")
-
-
 def kernel_sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: jax.Array, sinks: jax.Array,
                           entries: CompressedEntries | None = None,
                           selection: tuple[jax.Array, jax.Array] | None = None, *, impl: str = "auto",

@@ -3,7 +3,8 @@
     run(experts_params, cfg, x [B,T,D], expert_ids [B,T,K], weights [B,T,K]) -> [B,T,D] float32
 
 `dense` evaluates every expert on every token (the reference); `sorted` groups token copies by expert and runs
-`jax.lax.ragged_dot` (dropless, the default). On a mesh (`forward(..., mesh=)`) a strategy is bound to it
+`jax.lax.ragged_dot` (dropless; the default on GPU/TPU); `blocked` pads each expert's group to whole blocks and
+loops over them (dropless; the default on CPU, where ragged_dot costs E times the work). On a mesh (`forward(..., mesh=)`) a strategy is bound to it
 (`bind` -> `MeshStrategy`): `ep_all_to_all` (fixed-capacity `lax.all_to_all`, any backend) and `ep_ragged`
 (`lax.ragged_all_to_all`, GPU/TPU) split the routed experts over the `expert` axis; `dense` / `sorted` run
 per device on the local tokens. `auto` asks `backend.capabilities.select` for the platform's choice.
@@ -14,12 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
+from deepmoe.moe_dispatch.blocked import run as run_blocked
 from deepmoe.moe_dispatch.dense import run as run_dense
 from deepmoe.moe_dispatch.ep_all_to_all import MeshStrategy
 from deepmoe.moe_dispatch.sort_ragged import run as run_sorted
 
-STRATEGIES = {"dense": run_dense, "sorted": run_sorted}
-MESH_STRATEGIES = ("dense", "sorted", "ep_all_to_all", "ep_ragged")
+STRATEGIES = {"dense": run_dense, "sorted": run_sorted, "blocked": run_blocked}
+MESH_STRATEGIES = ("dense", "sorted", "blocked", "ep_all_to_all", "ep_ragged")
 NAMES = ("auto", *MESH_STRATEGIES)
 
 
@@ -92,8 +96,8 @@ def run_experts(strategy, params, cfg, x, expert_ids, weights):
     if isinstance(strategy, MeshStrategy):
         return strategy.run(params, cfg, x, expert_ids, weights)
     name = _options(strategy).name
-    if name == "auto":  # no mesh: nothing to parallelise over
-        name = "sorted"
+    if name == "auto":  # no mesh: nothing to parallelise over; pick the local grouped matmul
+        name = "blocked" if jax.default_backend() == "cpu" else "sorted"
     if name not in STRATEGIES:
         raise ValueError(f"MoE strategy {name!r} runs on a mesh: pass mesh= to forward (dm.make_mesh(...)), or "
                          f"use one of {sorted(STRATEGIES)} on a single device")
