@@ -20,7 +20,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m deepmoe.demo
+	$(BIN)/python -m deepmoe.demo $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest
