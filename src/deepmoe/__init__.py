@@ -20,6 +20,7 @@ _EXPORTS = {
     "init_params": "deepmoe.params",
     "param_specs": "deepmoe.params",
     "load_pretrained": "deepmoe.io.pretrained",
+    "generate": "deepmoe.infer.generate",
     "save_pretrained": "deepmoe.io.pretrained",
     "ShardingError": "deepmoe.sharding",
     "ShardingRules": "deepmoe.sharding",

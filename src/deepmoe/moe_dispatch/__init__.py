@@ -4,7 +4,8 @@
 
 `dense` evaluates every expert on every token (the reference); `sorted` groups token copies by expert and runs
 `jax.lax.ragged_dot` (dropless; the default on GPU/TPU); `blocked` pads each expert's group to whole blocks and
-loops over them (dropless; the default on CPU, where ragged_dot costs E times the work). On a mesh (`forward(..., mesh=)`) a strategy is bound to it
+loops over them (dropless; the default on CPU, where ragged_dot costs E times the work); `gather` reads each
+token's K expert matrices (cached decode steps with fewer token copies than experts pick it). On a mesh (`forward(..., mesh=)`) a strategy is bound to it
 (`bind` -> `MeshStrategy`): `ep_all_to_all` (fixed-capacity `lax.all_to_all`, any backend) and `ep_ragged`
 (`lax.ragged_all_to_all`, GPU/TPU) split the routed experts over the `expert` axis; `dense` / `sorted` run
 per device on the local tokens. `auto` asks `backend.capabilities.select` for the platform's choice.
@@ -19,11 +20,12 @@ import jax
 
 from deepmoe.moe_dispatch.blocked import run as run_blocked
 from deepmoe.moe_dispatch.dense import run as run_dense
+from deepmoe.moe_dispatch.gather import run as run_gather
 from deepmoe.moe_dispatch.ep_all_to_all import MeshStrategy
 from deepmoe.moe_dispatch.sort_ragged import run as run_sorted
 
-STRATEGIES = {"dense": run_dense, "sorted": run_sorted, "blocked": run_blocked}
-MESH_STRATEGIES = ("dense", "sorted", "blocked", "ep_all_to_all", "ep_ragged")
+STRATEGIES = {"dense": run_dense, "sorted": run_sorted, "blocked": run_blocked, "gather": run_gather}
+MESH_STRATEGIES = ("dense", "sorted", "blocked", "gather", "ep_all_to_all", "ep_ragged")
 NAMES = ("auto", *MESH_STRATEGIES)
 
 
