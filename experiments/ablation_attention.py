@@ -21,75 +21,42 @@ Variants (`deepmoe.ablations.attention_variants`), same widths, same MoE, same o
    over 2W keys; the algorithmic count is what sparse kernels (pallas_kernels) can realise.
 
 --quick (tests): 2 layers (CSA, HCA), 3 Sinkhorn iterations, AdamW, 12 steps of 4 x 64 tokens; training and
-the cost sweep (T = 64, 128, 256) compiled with most XLA optimizations off (`analysis.fast_compile`: identical
-FLOP and memory counts, but quick wall times are those of unoptimized code). Writes results.json, loss.png,
-cost.png.
+the cost sweep (T = 64, 256: a 4x step, enough to tell linear from quadratic growth; every point is a compilation
+per layer kind) compiled with most XLA optimizations off (`experiment.fast_compile`: identical FLOP and memory
+counts, but quick wall times are those of unoptimized code). Writes results.json, loss.png, cost.png.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from deepmoe import experiment as ex
+
 NAME = "ablation_attention"
 VARIANTS = ("hybrid", "sliding", "dense")
+QUICK = dict(steps=12, batch=4, seq=64, optimizer="adamw", cost_seq=[64, 256])
+FULL = dict(steps=200, batch=8, seq=256, optimizer="muon", cost_seq=[128, 256, 512, 1024, 2048])
+COLORS = {"hybrid": "C0", "sliding": "C1", "dense": "C3"}
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny run for tests")
-    p.add_argument("--out", default=f"runs/{NAME}")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    p.add_argument("--steps", type=int, help="train steps per variant (default 200; quick 12)")
-    p.add_argument("--batch", type=int, help="default 8; quick 4")
-    p.add_argument("--seq", type=int, help="training sequence length (default 256; quick 64)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--optimizer", choices=("muon", "adamw"), help="default muon; quick adamw")
+def parse_args(argv: Sequence[str] | None):
+    p = ex.parser(__doc__, NAME, variants=VARIANTS, replot=True)
+    ex.add_train_args(p, QUICK, FULL)
     p.add_argument("--cost-seq", type=int, nargs="+", help="sequence lengths of the cost sweep "
-                   "(default 128 256 512 1024 2048; quick 64 128 256)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", nargs="*", default=None)
-    args = p.parse_args(argv)
-    quick = dict(steps=12, batch=4, seq=64, optimizer="adamw", cost_seq=[64, 128, 256])
-    full = dict(steps=200, batch=8, seq=256, optimizer="muon", cost_seq=[128, 256, 512, 1024, 2048])
-    for key, value in (quick if args.quick else full).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
-
-
-def train_config(args):
-    from deepmoe.train import TrainConfig
-
-    return TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr,
-                       warmup_steps=max(1, args.steps // 10), optimizer=args.optimizer, mtp_weight=0.0,
-                       mtp_weight_after_decay=0.0, seed=args.seed)
+                   "(default 128 256 512 1024 2048; quick 64 256)")
+    return ex.parse(p, argv, QUICK, FULL)
 
 
 def train_variant(cfg, tcfg, dataset) -> tuple[dict, dict]:
-    import jax
+    from deepmoe.ablations import train_options
 
-    from deepmoe.ablations import make_options_step
-    from deepmoe.train import init_state
-    from deepmoe.train.data import DataState
-
-    state = init_state(cfg, tcfg, jax.random.key(tcfg.seed))
-    step = make_options_step(cfg, tcfg)
-    data = DataState()
-    losses = []
-    start = time.perf_counter()
-    for _ in range(tcfg.steps):
-        batch, data = dataset.batch(data)
-        state, metrics = step(state, batch, tcfg.bias_update_speed, tcfg.balance_weight)
-        losses.append(float(metrics["loss"]))
-    loss = np.array(losses)
-    tail = max(1, len(loss) // 5)
-    return {"loss": loss, "final_loss": float(np.mean(loss[-tail:])), "seconds": time.perf_counter() - start,
+    state, rows, seconds = train_options(cfg, tcfg, dataset)
+    loss = np.array([float(r["loss"]) for r in rows])
+    return {"loss": loss, "final_loss": float(np.mean(ex.tail(loss))), "seconds": seconds,
             "layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window}, state.params
 
 
@@ -140,84 +107,61 @@ def cost_sweep(variants: dict, params: dict, seq_lens: list[int], seed: int) -> 
 
 
 def plot(training: dict, cost: dict, out: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = {"hybrid": "C0", "sliding": "C1", "dense": "C3"}
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in training.items():
-        ax.plot(np.arange(1, len(r["loss"]) + 1), r["loss"], color=colors[name],
-                label=f"{name} (final {r['final_loss']:.3f})")
-    ax.set(xlabel="step", ylabel="train CE (nats/token)", title="Attention ablation: loss at equal steps")
-    ax.legend()
-    fig.tight_layout()
-    paths = [out / "loss.png"]
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
+    paths = [out / "loss.png", out / "cost.png"]
+    with ex.figure(paths[0], figsize=(6, 4)) as (fig, ax):
+        ex.loss_curves(ax, training, COLORS, "Attention ablation: loss at equal steps")
     T = np.array(cost["seq_lens"])
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
-    for name, r in cost["per_variant"].items():
-        c = colors[name]
-        axes[0].plot(T, r["flops"], "o-", color=c, label=f"{name} compiled (jnp reference)")
-        axes[0].plot(T, r["analytic_flops"], "--", color=c, label=f"{name} algorithmic (attention core + indexer)")
-        axes[1].plot(T, r["temp_bytes"], "o-", color=c, label=name)
-        axes[2].plot(T, np.array(r["seconds"]) * 1e3, "o-", color=c, label=name)
-    axes[0].set(title="FLOPs of the attention layers vs sequence length", ylabel="FLOPs (one sequence)")
-    axes[1].set(title="XLA temporary memory", ylabel="bytes")
-    axes[2].set(title="wall time (jitted, best of 3, this CPU)", ylabel="ms")
-    for ax in axes:
-        ax.set(xscale="log", yscale="log", xlabel="sequence length T")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "cost.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    with ex.figure(paths[1], 3, figsize=(16, 4.2)) as (fig, axes):
+        for name, r in cost["per_variant"].items():
+            c = COLORS[name]
+            axes[0].plot(T, r["flops"], "o-", color=c, label=f"{name} compiled (jnp reference)")
+            axes[0].plot(T, r["analytic_flops"], "--", color=c,
+                         label=f"{name} algorithmic (attention core + indexer)")
+            axes[1].plot(T, r["temp_bytes"], "o-", color=c, label=name)
+            axes[2].plot(T, np.array(r["seconds"]) * 1e3, "o-", color=c, label=name)
+        axes[0].set(title="FLOPs of the attention layers vs sequence length", ylabel="FLOPs (one sequence)")
+        axes[1].set(title="XLA temporary memory", ylabel="bytes")
+        axes[2].set(title="wall time (jitted, best of 3, this CPU)", ylabel="ms")
+        for ax in axes:
+            ax.set(xscale="log", yscale="log", xlabel="sequence length T")
+            ax.set_xticks(T, [str(t) for t in T])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+            ax.legend(fontsize=7)
     return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from deepmoe.ablations import ablation_model, attention_variants
-    from deepmoe.analysis import fast_compile, run_metadata, write_json
-    from deepmoe.train.data import TextDataset
+    from deepmoe.ablations import ablation_model, attention_variants, train_config
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tcfg = train_config(args)
+    out = ex.output_dir(args)
+    if args.replot:
+        return ex.replot(out, plot, "training", "cost")
+    tcfg = train_config(**ex.train_settings(args))
     variants = attention_variants(ablation_model(args.quick), args.seq)
-    dataset = TextDataset.from_paths(args.data, seq_len=args.seq, batch_size=args.batch, seed=args.seed)
-    training, params = {}, {}
-    for name in args.variants:
-        t0 = time.perf_counter()
-        with fast_compile(args.quick):
-            training[name], params[name] = train_variant(variants[name], tcfg, dataset)
-        print(f"{name:>8}: final loss {training[name]['final_loss']:.4f} "
-              f"({time.perf_counter() - t0:.1f}s incl. compile)", flush=True)
-    with fast_compile(args.quick):  # same FLOP and memory counts; quick wall times are of unoptimized code
-        cost = cost_sweep(variants, params, args.cost_seq, args.seed)
+    dataset = ex.text_data(args)
+    trained = ex.run_variants(args.variants, lambda name: train_variant(variants[name], tcfg, dataset),
+                              lambda r: f"final loss {r[0]['final_loss']:.4f}", quick=args.quick)
+    training = {name: r for name, (r, _) in trained.items()}
+    with ex.fast_compile(args.quick):  # same FLOP and memory counts; quick wall times are of unoptimized code
+        cost = cost_sweep(variants, {name: p for name, (_, p) in trained.items()}, args.cost_seq, args.seed)
     plots = plot(training, cost, out)
-    last = -1
+    T = cost["seq_lens"][-1]
     summary = {name: {"final_loss": training[name]["final_loss"],
-                      **({f"compiled_flops_T{cost['seq_lens'][last]}": cost["per_variant"][name]["flops"][last],
-                          f"algorithmic_flops_T{cost['seq_lens'][last]}":
-                              cost["per_variant"][name]["analytic_flops"][last],
-                          f"seconds_T{cost['seq_lens'][last]}": cost["per_variant"][name]["seconds"][last]}
+                      **({f"compiled_flops_T{T}": cost["per_variant"][name]["flops"][-1],
+                          f"algorithmic_flops_T{T}": cost["per_variant"][name]["analytic_flops"][-1],
+                          f"seconds_T{T}": cost["per_variant"][name]["seconds"][-1]}
                          if name in cost["per_variant"] else {})}
                for name in training}
-    write_json(out / "results.json", {
-        "experiment": NAME, "metadata": run_metadata(), "quick": args.quick,
-        "settings": {"steps": args.steps, "batch": args.batch, "seq_len": args.seq, "lr": args.lr,
-                     "optimizer": args.optimizer, "seed": args.seed, "cost_seq_lens": args.cost_seq,
-                     "model": {name: {"layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
-                                      "csa_compress_ratio": cfg.csa_compress_ratio,
-                                      "hca_compress_ratio": cfg.hca_compress_ratio, "indexer_topk": cfg.indexer_topk,
-                                      "sinkhorn_iterations": cfg.sinkhorn_iterations}
-                               for name, cfg in variants.items()}},
-        "summary": summary, "training": training, "cost": cost, "plots": [p.name for p in plots]})
-    print(f"wrote {out / 'results.json'} and {', '.join(p.name for p in plots)}")
+    model = {name: {"layer_types": list(cfg.layer_types), "sliding_window": cfg.sliding_window,
+                    "csa_compress_ratio": cfg.csa_compress_ratio, "hca_compress_ratio": cfg.hca_compress_ratio,
+                    "indexer_topk": cfg.indexer_topk, "sinkhorn_iterations": cfg.sinkhorn_iterations}
+             for name, cfg in variants.items()}
+    ex.write_results(out, NAME, args.quick, plots,
+                     settings={**ex.train_settings(args), "cost_seq_lens": args.cost_seq, "model": model},
+                     summary=summary, training=training, cost=cost)
     return 0
 
 

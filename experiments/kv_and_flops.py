@@ -32,63 +32,53 @@ and the ratios to V3.2, against context on a log axis). Analytic: --quick only u
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from deepmoe import experiment as ex
+
 NAME = "kv_and_flops"
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer curve points (the numbers are analytic anyway)")
-    p.add_argument("--out", default=f"runs/{NAME}")
+def parse_args(argv: Sequence[str] | None):
+    p = ex.parser(__doc__, NAME, quick_help="fewer curve points (the numbers are analytic anyway)")
     p.add_argument("--context", type=int, default=1 << 20, help="context of the headline comparison (1M = 2^20)")
-    return p.parse_args(argv)
+    return ex.parse(p, argv)
 
 
 def plot(curves: dict, claims: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from deepmoe.analysis import V32Style
 
     base = curves[V32Style.name]
     colors = {"v4-pro": "C0", "v4-flash": "C2", V32Style.name: "C3", "BF16 GQA-8": "C7"}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
-    for name, c in curves.items():
-        L = np.asarray(c["context"])
-        color = colors.get(name)
-        axes[0].plot(L, np.asarray(c["kv_total_bytes"]) / 1e9, color=color, label=name)
-        axes[1].plot(L, np.asarray(c["flops_fp8_equivalent"]) / 1e9, color=color, label=f"{name}")
-        axes[1].plot(L, np.asarray(c["flops"]) / 1e9, color=color, ls=":", alpha=0.7)
-        if name.startswith("v4"):
-            axes[2].plot(L, np.asarray(c["flops_fp8_equivalent"]) / np.asarray(base["flops_fp8_equivalent"]),
-                         color=color, label=f"{name} FLOPs (FP8-eq.)")
-            axes[2].plot(L, np.asarray(c["kv_total_bytes"]) / np.asarray(base["kv_total_bytes"]), color=color,
-                         ls="--", label=f"{name} KV bytes")
-    ctx = claims["context"]
-    for name, marker in (("v4-pro", "o"), ("v4-flash", "s")):
-        for key, reported in (("flops_fp8_equivalent_vs_v32", claims["reported"][name]["flops"]),
-                              ("kv_vs_v32", claims["reported"][name]["kv"])):
-            axes[2].scatter([ctx], [reported], marker=marker, facecolors="none", edgecolors="k", zorder=5)
-    axes[2].scatter([], [], marker="o", facecolors="none", edgecolors="k", label="report's claims at 1M")
-    axes[0].set(title="KV cache per sequence", ylabel="GB", yscale="log")
-    axes[1].set(title="FLOPs per decoded token (solid FP8-eq., dotted plain)", ylabel="GFLOPs", yscale="log")
-    axes[2].set(title="ratio to DeepSeek-V3.2", ylabel="V4 / V3.2", ylim=(0, 1.2))
-    for ax in axes:
-        ax.set(xscale="log", xlabel="context length (tokens)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
     path = out / "kv_and_flops.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with ex.figure(path, 3, figsize=(17, 4.6)) as (fig, axes):
+        for name, c in curves.items():
+            L = np.asarray(c["context"])
+            color = colors.get(name)
+            axes[0].plot(L, np.asarray(c["kv_total_bytes"]) / 1e9, color=color, label=name)
+            axes[1].plot(L, np.asarray(c["flops_fp8_equivalent"]) / 1e9, color=color, label=f"{name}")
+            axes[1].plot(L, np.asarray(c["flops"]) / 1e9, color=color, ls=":", alpha=0.7)
+            if name.startswith("v4"):
+                axes[2].plot(L, np.asarray(c["flops_fp8_equivalent"]) / np.asarray(base["flops_fp8_equivalent"]),
+                             color=color, label=f"{name} FLOPs (FP8-eq.)")
+                axes[2].plot(L, np.asarray(c["kv_total_bytes"]) / np.asarray(base["kv_total_bytes"]), color=color,
+                             ls="--", label=f"{name} KV bytes")
+        ctx = claims["context"]
+        for name, marker in (("v4-pro", "o"), ("v4-flash", "s")):
+            for reported in (claims["reported"][name]["flops"], claims["reported"][name]["kv"]):
+                axes[2].scatter([ctx], [reported], marker=marker, facecolors="none", edgecolors="k", zorder=5)
+        axes[2].scatter([], [], marker="o", facecolors="none", edgecolors="k", label="report's claims at 1M")
+        axes[0].set(title="KV cache per sequence", ylabel="GB", yscale="log")
+        axes[1].set(title="FLOPs per decoded token (solid FP8-eq., dotted plain)", ylabel="GFLOPs", yscale="log")
+        axes[2].set(title="ratio to DeepSeek-V3.2", ylabel="V4 / V3.2", ylim=(0, 1.2))
+        for ax in axes:
+            ax.set(xscale="log", xlabel="context length (tokens)")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3, which="both")
     return [path]
 
 
@@ -112,19 +102,16 @@ def format_table(claims: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from deepmoe.analysis import cost_comparison, report_claims, run_metadata, write_json
+    from deepmoe.analysis import cost_comparison, report_claims
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ex.output_dir(args)
     points = 11 if args.quick else 41
     contexts = np.unique(np.round(np.logspace(10, 20, points, base=2)).astype(np.int64))
     curves = cost_comparison(contexts)
     claims = report_claims(args.context)
     plots = plot(curves, claims, out)
-    write_json(out / "results.json", {"experiment": NAME, "metadata": run_metadata(), "quick": args.quick,
-                                      "claims": claims, "curves": curves, "plots": [p.name for p in plots]})
     print(format_table(claims))
-    print(f"wrote {out / 'results.json'} and {', '.join(p.name for p in plots)}")
+    ex.write_results(out, NAME, args.quick, plots, claims=claims, curves=curves)
     return 0
 
 

@@ -14,58 +14,44 @@ cross-entropy (EOS targets included) / number of byte targets / ln 2; a uniform 
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import shutil
 import statistics
 import time
 from pathlib import Path
 
 import deepmoe as dm
+from deepmoe import experiment as ex
 from deepmoe.train import TrainConfig
 from deepmoe.train.loop import train
 from deepmoe.train.plots import read_metrics
 
+NAME = "train_code_model"
+QUICK = dict(preset="tiny", steps=120, batch=8, seq=128, optimizer="muon")
+FULL = dict(preset="tiny", steps=300, batch=8, seq=256, optimizer="muon")
+
 
 def plot_curve(metrics: Path, out: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows, val = read_metrics(metrics)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] / 0.6931471805599453 for r in rows], lw=1,
-            label="train (bits / token)")
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", label="validation (bits / byte)")
-    ax.axhline(8.0, color="gray", ls=":", lw=1, label="uniform over bytes")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    with ex.figure(out, figsize=(7, 4.5)) as (fig, ax):
+        ax.plot([r["step"] for r in rows], [r["loss"] / math.log(2) for r in rows], lw=1, label="train (bits / token)")
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_bpb"] for r in val], "o-", label="validation (bits / byte)")
+        ax.axhline(8.0, color="gray", ls=":", lw=1, label="uniform over bytes")
+        ax.set(xlabel="step", ylabel="bits", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny preset, 120 steps of 8 x 128 bytes")
-    p.add_argument("--preset", default="tiny", choices=("tiny", "small"))
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--optimizer", default="muon", choices=("muon", "adamw"))
+    p = ex.parser(__doc__, NAME, quick_help="tiny preset, 120 steps of 8 x 128 bytes")
+    ex.add_train_args(p, QUICK, FULL, seed_and_data=False)
+    p.add_argument("--preset", choices=("tiny", "small"), help="model preset (default tiny; quick tiny)")
     p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--val-batches", type=int, default=8)
-    p.add_argument("--out", default="runs/train_code_model")
     p.add_argument("--fresh", action="store_true", help="delete a previous run of this preset first")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.preset, args.steps, args.batch, args.seq = "tiny", 120, 8, 128
+    args = ex.parse(p, argv, QUICK, FULL)
 
     cfg = dm.preset(args.preset)
     tcfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, lr=args.lr,

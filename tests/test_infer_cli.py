@@ -9,8 +9,9 @@ import pytest
 import deepmoe as dm
 from deepmoe.config import CSA
 from deepmoe.infer import generate
-from deepmoe.infer.chat import ASSISTANT_TEXT, BOS_TEXT, USER_TEXT, ByteCodec, HFTokenizerCodec, chat_prompt, codec_for
+from deepmoe.infer.chat import ByteCodec, HFTokenizerCodec, codec_for
 from deepmoe.infer.cli import main
+from deepmoe.io.tokenizer import ASSISTANT, BOS, USER, chat_prompt
 from test_infer_decode import random_params
 
 # One CSA layer + MTP, byte vocabulary: compiles in seconds.
@@ -51,6 +52,17 @@ def test_generate_command_streams_and_reports(checkpoint, capsys):
     assert out == expected + "\n"
 
 
+def test_generate_command_kernels_flag(checkpoint, capsys):
+    """--kernels pallas (interpreted on CPU) prefills through pallas_kernels and streams the same greedy text."""
+    args = ["--checkpoint", str(checkpoint), "--prompt", "héllo", "--max-new-tokens", "6", "--dtype", "float32"]
+    assert main(args) == 0
+    reference = capsys.readouterr().out
+    assert main([*args, "--kernels", "pallas"]) == 0
+    assert capsys.readouterr().out == reference
+    with pytest.raises(SystemExit):
+        main([*args, "--kernels", "triton"])  # argparse lists the choices
+
+
 def test_generate_command_errors(checkpoint, tmp_path, capsys):
     with pytest.raises(SystemExit, match="does not exist"):
         main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"])
@@ -63,7 +75,7 @@ def test_generate_command_errors(checkpoint, tmp_path, capsys):
 def test_chat_template_with_a_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    specials = [BOS_TEXT, USER_TEXT, ASSISTANT_TEXT, "<think>", "</think>"]
+    specials = [BOS, USER, ASSISTANT, "<think>", "</think>"]
     vocab = {"[UNK]": 0, "hello": 1, "world": 2}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -73,9 +85,10 @@ def test_chat_template_with_a_tokenizer(tmp_path):
     assert has_template and isinstance(codec, HFTokenizerCodec)
     ids = {s: tok.token_to_id(s) for s in specials}
     assert codec.encode_prompt("hello world", "expert").tolist() == [
-        ids[BOS_TEXT], ids[USER_TEXT], 1, 2, ids[ASSISTANT_TEXT], ids["<think>"]]
+        ids[BOS], ids[USER], 1, 2, ids[ASSISTANT], ids["<think>"]]
     assert codec.encode_prompt("hello", "fast").tolist()[-1] == ids["</think>"]
-    assert chat_prompt("hi", "fast") == "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜></think>"
+    hi = [{"role": "user", "content": "hi"}]
+    assert chat_prompt(hi, "fast") == "<｜begin▁of▁sentence｜><｜User｜>hi<｜Assistant｜></think>"
     feed = codec.stream_decoder()
     assert feed(np.array([1])) + feed(np.array([2])) == "hello world"
     codec, has_template = codec_for(MICRO, None)

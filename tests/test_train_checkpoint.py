@@ -15,7 +15,7 @@ import pytest
 
 import deepmoe as dm
 from deepmoe.train import TrainConfig
-from deepmoe.train.checkpoint import CheckpointError, Checkpointer
+from deepmoe.train.checkpoint import CheckpointError, Checkpointer, check_compatible
 from deepmoe.train.loop import NonFiniteError, load_trained, main, train
 
 # identical to test_train_step.TCFG: one compilation of the step for both modules
@@ -106,6 +106,10 @@ def test_incompatible_checkpoint(runs):
         Checkpointer(root / "full" / "checkpoints").restore(cfg.replace(num_experts=4), TCFG)
     with pytest.raises(CheckpointError, match="lr"):
         Checkpointer(root / "full" / "checkpoints").restore(cfg, TCFG.replace(lr=1e-4))
+    # execution choices may change on resume: same math, same state
+    ckpt = Checkpointer(root / "full" / "checkpoints")
+    check_compatible(ckpt.read_meta(ckpt.latest_step()), cfg,
+                     TCFG.replace(kernels="pallas", remat="full", moe_strategy="dense"), "full")
 
 
 def test_nonfinite_run_stops_and_saves_nothing(tmp_path):

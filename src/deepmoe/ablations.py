@@ -19,13 +19,16 @@ differentiation, the gradient reaching every layer (dL/dX_l).
 
 Train steps: `make_residual_step` (a residual variant under deepmoe.train's optimizer, clipping and router-bias
 rule) and `make_options_step` (deepmoe.train's own step function with the balancing options as run-time
-arguments, so every balancing variant shares one compilation).
+arguments, so every balancing variant shares one compilation). Training runs: `train_config` (the ablations'
+TrainConfig), `train_residual` / `train_options` (a variant from its initialisation over fresh batches,
+every step's metrics kept).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -347,6 +350,60 @@ def _make_options_step(cfg: ModelConfig, base):
     return jax.jit(step, donate_argnums=(0,))
 
 
+# ----- training runs ---------------------------------------------------------------------------------------
+
+def train_config(*, steps: int, batch: int, seq_len: int, lr: float, optimizer: str, seed: int):
+    """The ablations' TrainConfig: deepmoe.train's defaults, warmup over 10 % of the steps, no MTP loss (the
+    ablation models have no MTP layers). Keywords as `experiment.train_settings` gives them."""
+    from deepmoe.train import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, warmup_steps=max(1, steps // 10),
+                       optimizer=optimizer, mtp_weight=0.0, mtp_weight_after_decay=0.0, seed=seed)
+
+
+def run_steps(step: Callable, carry: Any, dataset, steps: int) -> tuple[Any, list[dict], float]:
+    """`carry, metrics = step(carry, batch, i)` over the first `steps` batches of `dataset` (every variant sees
+    the same ones). -> (last carry, every step's metrics on the host, seconds)."""
+    from deepmoe.train.data import DataState
+
+    data = DataState()
+    rows = []
+    start = time.perf_counter()
+    for i in range(steps):
+        batch, data = dataset.batch(data)
+        carry, metrics = step(carry, batch, i)
+        rows.append(jax.device_get(metrics))
+    return carry, rows, time.perf_counter() - start
+
+
+def train_residual(cfg: ModelConfig, tcfg, residual: str, dataset) -> tuple[list[dict], float]:
+    """Train a residual variant (`make_residual_step`) from deepmoe.train's initialisation at tcfg.seed.
+    -> (every step's metrics, seconds)."""
+    step = make_residual_step(cfg, tcfg, residual)
+
+    def one(carry, batch, i):
+        params, opt_state, metrics = step(*carry, batch, i)
+        return (params, opt_state), metrics
+
+    _, rows, seconds = run_steps(one, init_residual_state(cfg, tcfg, jax.random.key(tcfg.seed)), dataset,
+                                 tcfg.steps)
+    return rows, seconds
+
+
+def train_options(cfg: ModelConfig, tcfg, dataset, bias_update_speed: float | None = None,
+                  balance_weight: float | None = None) -> tuple[Any, list[dict], float]:
+    """Train with deepmoe.train's step (`make_options_step`) from `init_state` at tcfg.seed; the balancing
+    options default to tcfg's. -> (final TrainState, every step's metrics, seconds)."""
+    from deepmoe.train.step import init_state
+
+    speed = tcfg.bias_update_speed if bias_update_speed is None else bias_update_speed
+    weight = tcfg.balance_weight if balance_weight is None else balance_weight
+    step = make_options_step(cfg, tcfg)
+    return run_steps(lambda state, batch, _: step(state, batch, speed, weight),
+                     init_state(cfg, tcfg, jax.random.key(tcfg.seed)), dataset, tcfg.steps)
+
+
 __all__ = ["RESIDUALS", "hc_pre_unconstrained", "residual_block", "residual_forward", "composite_gains",
            "layer_grad_norms", "layer_params", "attention_cost", "make_residual_step", "init_residual_state",
-           "make_options_step", "balancing_options_key", "attention_variants", "ablation_model"]
+           "make_options_step", "balancing_options_key", "attention_variants", "ablation_model", "train_config",
+           "run_steps", "train_residual", "train_options"]

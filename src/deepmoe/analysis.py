@@ -33,19 +33,15 @@ At L = 2^20 this gives V4-Pro 26.5 % and V4-Flash 10.0 % of V3.2's FP8-equivalen
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import datetime
-import json
 import math
-import os
-import platform
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import numpy as np
 
 from deepmoe.config import CSA, HCA, SLIDING, ModelConfig
+# moved to deepmoe.experiment (the experiments' harness); still importable from here
+from deepmoe.experiment import fast_compile, jsonable, run_metadata, write_json  # noqa: F401
 
 MILLION_CONTEXT = 1 << 20  # 1,048,576 tokens, V4's maximum context
 PRECISION_WEIGHT = {"fp4": 0.5, "fp8": 1.0, "bf16": 2.0}  # FLOPs -> FP8-equivalent FLOPs
@@ -302,72 +298,6 @@ def pooling_weights(comp_params: dict, cfg: ModelConfig, x, *, ratio: int, overl
         p = p / p.sum(1, keepdims=True)
         np.add.at(weights, (slice(None), w, idx), p.mean(-1))  # [B, slots], mean over channels
     return weights
-
-
-@contextlib.contextmanager
-def fast_compile(enabled: bool = True):
-    """Within the block, XLA compiles with most optimizations off (`jax_disable_most_optimizations`): CPU
-    compile time of the tiny models drops ~2x, run time rises. For --quick runs and tests, where compilation
-    dominates; the previous setting is restored on exit."""
-    import jax
-
-    previous = bool(jax.config.values.get("jax_disable_most_optimizations", False))
-    if enabled:
-        jax.config.update("jax_disable_most_optimizations", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_disable_most_optimizations", previous)
-
-
-# ----- run records -----------------------------------------------------------------------------------------
-
-def run_metadata() -> dict[str, Any]:
-    """Machine, software and date of a run (for results files and the README tables)."""
-    import jax
-
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores",
-        "processor": platform.processor() or _cpu_model(),
-        "python": platform.python_version(), "jax": jax.__version__,
-        "backend": jax.default_backend(),
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def jsonable(x: Any) -> Any:
-    """numpy / jax values -> plain JSON (non-finite floats -> None, so the file stays strict JSON)."""
-    if isinstance(x, Mapping):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if hasattr(x, "shape") and hasattr(x, "dtype"):
-        a = np.asarray(x)
-        return jsonable(a.tolist()) if a.ndim else jsonable(a.item())
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, (np.floating,)):
-        return jsonable(float(x))
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    return x
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(jsonable(obj), indent=1, allow_nan=False))
-    return path
 
 
 __all__ = ["MILLION_CONTEXT", "PRECISION_WEIGHT", "V32Style", "GQABaseline", "v4_costs", "v32_costs", "gqa_costs",

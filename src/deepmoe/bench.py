@@ -2,7 +2,9 @@
 
 Measured, in one process:
 - peak matmul FLOP/s (fp32 and bf16 `jnp.dot` of two N x N matrices; the best of several runs);
-- forward tokens/s, train-step tokens/s (AdamW; fp32 master params, compute in cfg.compute_dtype), compile times;
+- forward tokens/s, train-step tokens/s (AdamW, no MTP loss, like transformers' training; fp32 master params,
+  compute in cfg.compute_dtype), compile times; programs compile with deepmoe's XLA options
+  (deepmoe.backend.xla_options; DEEPMOE_XLA_OPTIONS=0 for XLA's defaults);
 - MFU = model FLOPs per token x tokens/s / measured peak of the compute dtype. Model FLOPs per token come from
   `deepmoe.plan.flops_per_token` (2 x active matmul parameters + attention 4*H*c*keys + indexer terms; a train
   step counts 3x the forward, no remat);
@@ -60,11 +62,10 @@ def _memory(compiled) -> dict[str, int]:
 
 
 def bench_forward(cfg, params, ids, repeats: int) -> dict[str, Any]:
-    import jax
-
     import deepmoe as dm
+    from deepmoe.backend import xla_options
 
-    fn = jax.jit(lambda p, x: dm.forward(p, cfg, x, mtp=False).logits)
+    fn = xla_options.jit(lambda p, x: dm.forward(p, cfg, x, mtp=False).logits)
     start = time.perf_counter()
     compiled = fn.lower(params, ids).compile()
     compile_s = time.perf_counter() - start
@@ -78,7 +79,9 @@ def bench_train(cfg, ids, repeats: int) -> dict[str, Any]:
 
     from deepmoe import train
 
-    tcfg = train.TrainConfig(optimizer="adamw", batch_size=ids.shape[0], seq_len=ids.shape[1])
+    # No MTP loss: transformers trains without it, and the FLOP count leaves the MTP block out too.
+    tcfg = train.TrainConfig(optimizer="adamw", batch_size=ids.shape[0], seq_len=ids.shape[1], mtp_weight=0.0,
+                             mtp_weight_after_decay=0.0)
     state = train.init_state(cfg, tcfg, jax.random.key(0))
     step = train.make_train_step(cfg, tcfg)
     batch = {"input_ids": ids}

@@ -1,8 +1,8 @@
-"""Tokenizers and the chat template for `deepmoe generate`.
+"""Prompt codecs for `deepmoe generate`: the checkpoint's tokenizer with the chat template, or raw bytes.
 
 With a `tokenizer.json` next to the checkpoint (a release checkpoint), prompts go through the DeepSeek chat
-template: `--mode fast` = non-thinking, `--mode expert` = thinking, in the V3.1 / V3.2 encoding the V4 release
-continues (encoding_dsv32):
+template of `deepmoe.io.tokenizer` (the one place it is written): `--mode fast` = non-thinking, `--mode expert` =
+thinking, in the V3.1 / V3.2 encoding the V4 release continues (encoding_dsv32):
 
     <｜begin▁of▁sentence｜><｜User｜>{prompt}<｜Assistant｜></think>      fast   (thinking off)
     <｜begin▁of▁sentence｜><｜User｜>{prompt}<｜Assistant｜><think>       expert (thinking on)
@@ -19,17 +19,9 @@ from typing import Protocol
 
 import numpy as np
 
-BOS_TEXT = "<｜begin▁of▁sentence｜>"
-USER_TEXT = "<｜User｜>"
-ASSISTANT_TEXT = "<｜Assistant｜>"
-MODES = ("fast", "expert")
+from deepmoe.io.tokenizer import MODES, HFTokenizer, chat_prompt
 
-
-def chat_prompt(prompt: str, mode: str) -> str:
-    """The template text for one user turn in `mode` (fast: thinking off, expert: thinking on)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {MODES}")
-    return f"{BOS_TEXT}{USER_TEXT}{prompt}{ASSISTANT_TEXT}" + ("<think>" if mode == "expert" else "</think>")
+__all__ = ["MODES", "ByteCodec", "HFTokenizerCodec", "TextCodec", "codec_for"]
 
 
 class TextCodec(Protocol):
@@ -65,12 +57,11 @@ class HFTokenizerCodec:
     """A `tokenizer.json` (HF tokenizers library) with the chat template."""
 
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(path))
+        self.tokenizer = HFTokenizer(path).tokenizer  # the `tokenizers.Tokenizer`
 
     def encode_prompt(self, prompt: str, mode: str | None) -> np.ndarray:
-        text = chat_prompt(prompt, mode) if mode else prompt
+        # The template writes BOS itself; a raw prompt gets the tokenizer's own special tokens.
+        text = chat_prompt([{"role": "user", "content": prompt}], mode) if mode else prompt
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=mode is None).ids, np.int32)
 
     def stream_decoder(self):

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from deepmoe.config import KERNELS
 from deepmoe.infer.chat import MODES, codec_for
 
 
@@ -57,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="compute dtype, and the storage dtype of safetensors weights (default: the checkpoint's / "
                         "preset's compute dtype, bfloat16 weights)")
+    p.add_argument("--kernels", choices=KERNELS, default=None,
+                   help="attention core of the prompt prefill: reference (jnp), pallas (pallas_kernels; "
+                        "interpreted, so slow, where there is no Pallas lowering, e.g. CPU), auto (Pallas on GPU); "
+                        "default: the checkpoint's / preset's")
     p.add_argument("--stats", action="store_true", help="print timings, tokens/s and cache bytes to stderr")
     return p
 
@@ -96,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = generate(params, cfg, ids[None, :], args.max_new_tokens, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed), callback=stream,
-                          speculative=args.speculative)
+                          speculative=args.speculative, kernels=args.kernels)
     except InferenceError as e:
         raise SystemExit(f"deepmoe generate: {e}") from e
     sys.stdout.write("\n")

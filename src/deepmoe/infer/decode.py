@@ -9,13 +9,13 @@ so leading pads would be pooled into real entries (spec §14 item 14).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepmoe.backend import xla_options
 from deepmoe.config import CSA, SLIDING, ModelConfig
 from deepmoe.infer.attention import cached_attention
 from deepmoe.infer.cache import (INDEX_KEY_DTYPE, CompressorCache, DecodeCache, LayerCache, entries_from_sequence,
@@ -139,7 +139,7 @@ class PrefillOutput(NamedTuple):
     streams: jax.Array  # [B, T, n, D] last main layer's streams over the padded prompt (feeds MTP)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_len", "moe_strategy"))
+@xla_options.jit(static_argnames=("cfg", "max_len", "moe_strategy"))
 def prefill_jit(params: dict, cfg: ModelConfig, prompt_ids: jax.Array, lengths: jax.Array, *, max_len: int,
                 moe_strategy: str = "auto") -> PrefillOutput:
     """Unchecked prefill (see `prefill`)."""
@@ -169,9 +169,13 @@ def prefill_jit(params: dict, cfg: ModelConfig, prompt_ids: jax.Array, lengths: 
 
 
 def prefill(params: dict, cfg: ModelConfig, prompt_ids: Any, lengths: Any = None, max_len: int | None = None, *,
-            attention_mask: Any = None, moe_strategy: str = "auto") -> tuple[jax.Array, DecodeCache]:
+            attention_mask: Any = None, moe_strategy: str = "auto", kernels: str | None = None
+            ) -> tuple[jax.Array, DecodeCache]:
     """Process right-padded prompts [B, T] (real lengths [B], or an attention mask) into a fresh cache of
-    `max_len` positions (default T). -> (logits [B, V] float32 of each prompt's last token, cache)."""
+    `max_len` positions (default T). kernels overrides cfg.kernels for the attention core.
+    -> (logits [B, V] float32 of each prompt's last token, cache)."""
+    if kernels is not None:
+        cfg = cfg.replace(kernels=kernels)
     lengths = prompt_lengths(prompt_ids, lengths, attention_mask)
     check_token_ids(cfg, prompt_ids, lengths)
     max_len = int(np.asarray(prompt_ids).shape[1] if max_len is None else max_len)
@@ -221,7 +225,7 @@ def forward_chunk(params: dict, cfg: ModelConfig, cache: DecodeCache, tokens: ja
     return logits, streams, cache.replace(segments=segments, lengths=cache.lengths + s)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "moe_strategy"), donate_argnames=("cache",))
+@xla_options.jit(static_argnames=("cfg", "moe_strategy"), donate_argnames=("cache",))
 def decode_step_jit(params: dict, cfg: ModelConfig, cache: DecodeCache, token: jax.Array,
                     moe_strategy: str = "auto") -> tuple[jax.Array, DecodeCache]:
     logits, _, cache = forward_chunk(params, cfg, cache, token[:, None], moe_strategy)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from deepmoe.backend import xla_options
 from deepmoe.config import ModelConfig
 from deepmoe.infer.decode import (InferenceError, check_max_len, check_token_ids, decode_step_jit, forward_chunk,
                                   main_params, prefill_jit, prompt_lengths)
@@ -103,7 +104,7 @@ def _emit_spec(out, tokens, count, stops, *, n_max):
     return _count_drafts(out, live, count), emitted
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "moe_strategy", "n_max"), donate_argnames=("carry",))
+@xla_options.jit(static_argnames=("cfg", "greedy", "moe_strategy", "n_max"), donate_argnames=("carry",))
 def _loop(params, cfg, carry, key, sp, stops, *, greedy, moe_strategy, n_max):
     """The whole plain decode loop on device: steps until every sequence is done or n_max steps."""
     def cond(c):
@@ -146,15 +147,21 @@ def generate(params: dict, cfg: ModelConfig, prompt_ids: Any, max_new_tokens: in
              top_k: int | None = None, top_p: float | None = None, key: jax.Array | None = None,
              stop_tokens: Sequence[int] | None = None, callback: Callback | None = None, *,
              lengths: Any = None, attention_mask: Any = None, speculative: bool = False, max_len: int | None = None,
-             pad_token_id: int | None = None, moe_strategy: str = "auto") -> GenerateResult:
+             pad_token_id: int | None = None, moe_strategy: str = "auto", kernels: str | None = None
+             ) -> GenerateResult:
     """Generate `max_new_tokens` per prompt.
 
     prompt_ids: [B, T] right-padded ids (with `lengths` [B] or `attention_mask`), one sequence [T], or a list of
     token lists of different lengths. temperature 0 = greedy; top_k / top_p filter before sampling.
     stop_tokens: default (cfg.eos_token_id,); () disables stopping. callback(tokens [B, k], emitted [B, k]) is
     called after every step (k = 1, or 2 when speculative). speculative=True drafts with the MTP module
-    (greedy only; output identical to plain greedy). -> GenerateResult(tokens [B, N], lengths [B], stats).
+    (greedy only; output identical to plain greedy). kernels: override cfg.kernels ("reference" | "pallas" |
+    "auto") for the attention core of the prompt's prefill.
+    -> GenerateResult(tokens [B, N], lengths [B], stats).
     """
+    # Only the prompt's full-sequence pass has a kernel path (cached steps attend through infer.attention), so
+    # the override goes to prefill alone and the decode steps keep one compilation whatever the choice.
+    prefill_cfg = cfg if kernels is None else cfg.replace(kernels=kernels)  # validation rejects unknown names
     if max_new_tokens <= 0:
         raise InferenceError(f"max_new_tokens must be positive, got {max_new_tokens}")
     ids, ragged_lengths = _as_batch(prompt_ids)
@@ -183,13 +190,14 @@ def generate(params: dict, cfg: ModelConfig, prompt_ids: Any, max_new_tokens: in
     prompt = jnp.asarray(ids[:, :min(ids.shape[1], max_len)], jnp.int32)
     t0 = time.perf_counter()
     if speculative:
-        logits, state = spec_prefill(params, cfg, prompt, jnp.asarray(lengths), max_len=max_len,
+        logits, state = spec_prefill(params, prefill_cfg, prompt, jnp.asarray(lengths), max_len=max_len,
                                      moe_strategy=moe_strategy)
         first, state, out = _first_spec_token(logits, state, stops_array, n_max=n_max, pad=pad)
         carry = (state, out)
     else:
         params = main_params(params)
-        pre = prefill_jit(params, cfg, prompt, jnp.asarray(lengths), max_len=max_len, moe_strategy=moe_strategy)
+        pre = prefill_jit(params, prefill_cfg, prompt, jnp.asarray(lengths), max_len=max_len,
+                          moe_strategy=moe_strategy)
         first, out, _ = _sample_emit(pre.logits, _new_output(ids.shape[0], n_max, pad), key, sp, stops_array,
                                      greedy=greedy, n_max=n_max, first=True)
         carry = (pre.cache, first, out)

@@ -2,7 +2,8 @@
 
 Chat modes (the release's two reasoning modes): `fast` answers directly (the assistant turn opens with a
 closed think block), `expert` thinks first (the assistant turn opens with `<think>`). The template follows
-the DeepSeek V3.x chat format the V4 tokenizer ships special tokens for.
+the DeepSeek V3.x chat format the V4 tokenizer ships special tokens for. This is the one copy of the template:
+`deepmoe generate --mode` reaches it through `deepmoe.infer.chat`.
 """
 
 from __future__ import annotations

@@ -15,12 +15,21 @@ from deepmoe.layers.precision import einsum
 
 
 def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Array) -> jax.Array:
-    w_gate = params["w_gate"][expert_ids]  # [B, T, K, D, I]
-    w_up = params["w_up"][expert_ids]
-    w_down = params["w_down"][expert_ids]  # [B, T, K, I, D]
-    hidden = swiglu(cfg, einsum(cfg, "btd,btkdi->btki", x, w_gate), einsum(cfg, "btd,btkdi->btki", x, w_up))
-    hidden = hidden * weights[..., None]  # weight before the down projection, as the official code does
-    return einsum(cfg, "btki,btkid->btd", hidden, w_down).astype(jnp.float32)
+    b, t, d = x.shape
+    k = expert_ids.shape[-1]
+    rows = x.reshape(b * t, d)[jnp.repeat(jnp.arange(b * t), k)]  # one row per (token, chosen expert)
+
+    def one(args):
+        # Slicing one expert out of the stacked weights feeds the matvec directly; gathering [B, T, K, D, I]
+        # copies up front cost a transposing copy of every chosen matrix (measured 2.3x slower decode MoE).
+        row, expert, weight = args
+        w_gate, w_up, w_down = (jax.lax.dynamic_index_in_dim(params[name], expert, keepdims=False)
+                                for name in ("w_gate", "w_up", "w_down"))
+        hidden = swiglu(cfg, einsum(cfg, "d,di->i", row, w_gate), einsum(cfg, "d,di->i", row, w_up))
+        return einsum(cfg, "i,id->d", hidden * weight, w_down)  # weighted before w_down, as the official code
+
+    out = jax.lax.map(one, (rows, expert_ids.reshape(-1), weights.reshape(-1)))
+    return out.reshape(b, t, k, d).astype(jnp.float32).sum(axis=2)
 
 
 def decode_strategy(cfg, tokens: int, requested="auto"):

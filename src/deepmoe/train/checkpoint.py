@@ -29,8 +29,9 @@ from deepmoe.config import ModelConfig
 from deepmoe.train.step import TrainConfig, TrainState, init_state
 
 FORMAT_VERSION = 1
-# Train-config fields that may differ on resume (they don't change the state's structure or meaning).
-RESUMABLE_CHANGES = {"steps", "skip_nonfinite", "remat", "moe_strategy"}
+# Train-config fields that may differ on resume (they don't change the state's structure or meaning; remat,
+# moe_strategy and kernels only choose how the same math executes).
+RESUMABLE_CHANGES = {"steps", "skip_nonfinite", "remat", "moe_strategy", "kernels"}
 
 
 class CheckpointError(RuntimeError):

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from deepmoe.config import ModelConfig, preset
+from deepmoe.config import KERNELS, ModelConfig, preset
 from deepmoe.model import forward
 from deepmoe.train import loss as L
 from deepmoe.train.checkpoint import CheckpointError, Checkpointer
@@ -294,6 +294,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--z-loss", type=float, default=d.z_loss_weight)
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default=d.remat)
+    p.add_argument("--kernels", choices=KERNELS, default=d.kernels,
+                   help="attention core: reference (jnp), pallas (pallas_kernels; interpreted, so slow, where "
+                        "there is no Pallas lowering, e.g. CPU), auto (Pallas on GPU); default: the preset's")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--skip-nonfinite", action="store_true", help="skip (and count) non-finite steps")
     p.add_argument("--save-every", type=int, default=100)
@@ -317,7 +320,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig
                        mtp_weight=args.mtp_weight, mtp_weight_after_decay=args.mtp_weight_after_decay,
                        balance_weight=args.balance_weight, bias_update_speed=args.bias_speed,
                        z_loss_weight=args.z_loss, compute_dtype=args.compute_dtype, remat=args.remat,
-                       seed=args.seed, skip_nonfinite=args.skip_nonfinite)
+                       kernels=args.kernels, seed=args.seed, skip_nonfinite=args.skip_nonfinite)
     return cfg, tcfg
 
 

@@ -1,0 +1,69 @@
+"""XLA compile options for deepmoe's own jitted programs (train step, prefill, decode, bench), and `jit`, a
+`jax.jit` that applies them.
+
+XLA:CPU hands reductions to YNNPACK by default. For the reductions this model is made of (mHC's sums over
+4 streams in a middle axis, Sinkhorn's 4x4 row / column sums, their transposes in the backward pass) YNNPACK
+runs 10-30x slower than XLA's own fused loops: keeping YNNPACK for dots only made the `mini` train step ~1.5x
+faster (measured with `deepmoe bench`, see README "Performance"). The option is experimental in XLA, so it is
+probed once and silently dropped where this jaxlib does not know it; other platforms get no options.
+Set DEEPMOE_XLA_OPTIONS=0 to compile with XLA's defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import Any, Callable
+
+import jax
+
+log = logging.getLogger(__name__)
+
+CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+
+
+@functools.cache
+def compiler_options() -> dict[str, str] | None:
+    """The options for the default backend, or None (XLA's defaults)."""
+    if os.environ.get("DEEPMOE_XLA_OPTIONS", "1") == "0" or jax.default_backend() != "cpu":
+        return None
+    try:  # an unknown option or value fails at compile time: find out on something trivial
+        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(1.0).compile()
+    except Exception as err:  # noqa: BLE001 - any failure means: this jaxlib cannot take the option
+        log.info("XLA:CPU options %s not accepted by this jaxlib (%s); using XLA's defaults", CPU_OPTIONS, err)
+        return None
+    return dict(CPU_OPTIONS)
+
+
+class _LazyJit:
+    """jax.jit(fun, compiler_options=compiler_options(), **kwargs), built at the first call or attribute access:
+    the backend must be up to know the options, and deepmoe modules must not start it at import. Called
+    inside another trace (jit, eval_shape, grad) it is a plain nested jit: JAX takes compile options only at
+    the top level, and the outer program's options apply."""
+
+    def __init__(self, fun: Callable, kwargs: dict[str, Any]):
+        self._fun, self._kwargs, self._jitted, self._nested = fun, kwargs, None, None
+        functools.update_wrapper(self, fun)
+
+    def _get(self):
+        if self._jitted is None:
+            self._jitted = jax.jit(self._fun, compiler_options=compiler_options(), **self._kwargs)
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+            if self._nested is None:
+                self._nested = jax.jit(self._fun, **self._kwargs)
+            return self._nested(*args, **kwargs)
+        return self._get()(*args, **kwargs)
+
+    def __getattr__(self, name: str):  # lower, eval_shape, clear_cache, ...
+        return getattr(self._get(), name)
+
+
+def jit(fun: Callable | None = None, **kwargs: Any):
+    """`jax.jit` with deepmoe's compile options; usable as `@jit`, `@jit(static_argnames=...)` or `jit(f, ...)`."""
+    if fun is None:
+        return lambda f: _LazyJit(f, kwargs)
+    return _LazyJit(fun, kwargs)
