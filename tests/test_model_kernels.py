@@ -90,7 +90,7 @@ def test_train_kernels_option():
 
 def test_generate_with_pallas_kernels_matches_reference(tiny_params):
     """Pallas only changes the prompt's full-sequence attention: the prefilled cache and logits agree, and so
-    do the greedy tokens decoded from them."""
+    do the greedy tokens decoded from them, plainly and speculatively."""
     lengths = np.array([5, 20])  # 20 > window (16) and > the HCA ratio (16): ring wrap and compressed entries
     prompt = np.array(jax.random.randint(jax.random.key(9), (2, 20), 3, F32.vocab_size))
     prompt[0, lengths[0]:] = 0
@@ -105,5 +105,9 @@ def test_generate_with_pallas_kernels_matches_reference(tiny_params):
     pallas = generate(tiny_params, F32, prompt, new, lengths=lengths, stop_tokens=(), kernels="pallas")
     np.testing.assert_array_equal(pallas.tokens, ref.tokens)
     assert pallas.lengths.tolist() == [new, new]
+    # speculative decoding prefills through its own path (with the MTP module): the same tokens again
+    spec = generate(tiny_params, F32, prompt, new, lengths=lengths, stop_tokens=(), kernels="pallas",
+                    speculative=True)
+    np.testing.assert_array_equal(spec.tokens, ref.tokens)
     with pytest.raises(ValueError, match="kernels"):
         generate(tiny_params, F32, prompt, new, lengths=lengths, kernels="triton")
