@@ -48,7 +48,7 @@ def test_values_and_gradients_match_dense(kind, b, t):
         assert not np.asarray(got_grads[0]["w_up"][3:]).any()
 
 
-def test_block_rows_skip_padding_blocks():
+def test_blocks_past_the_used_count_are_not_multiplied():
     """Only blocks holding copies are multiplied: the loop's trip count is the number of used blocks."""
     lhs = jnp.ones((4, 2, 3))
     w = jnp.stack([jnp.eye(3), 2 * jnp.eye(3)])
