@@ -40,8 +40,6 @@ from typing import Any, Iterable
 import numpy as np
 
 from deepmoe.config import CSA, HCA, SLIDING, ModelConfig
-# moved to deepmoe.experiment (the experiments' harness); still importable from here
-from deepmoe.experiment import fast_compile, jsonable, run_metadata, write_json  # noqa: F401
 
 MILLION_CONTEXT = 1 << 20  # 1,048,576 tokens, V4's maximum context
 PRECISION_WEIGHT = {"fp4": 0.5, "fp8": 1.0, "bf16": 2.0}  # FLOPs -> FP8-equivalent FLOPs
@@ -302,5 +300,4 @@ def pooling_weights(comp_params: dict, cfg: ModelConfig, x, *, ratio: int, overl
 
 __all__ = ["MILLION_CONTEXT", "PRECISION_WEIGHT", "V32Style", "GQABaseline", "v4_costs", "v32_costs", "gqa_costs",
            "cost_comparison", "report_claims", "sequence_attention_flops", "load_imbalance", "param_rows",
-           "window_mask", "entry_spans", "attention_pattern", "pooling_weights", "fast_compile", "run_metadata",
-           "jsonable", "write_json"]
+           "window_mask", "entry_spans", "attention_pattern", "pooling_weights"]
