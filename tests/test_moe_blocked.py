@@ -49,8 +49,12 @@ def test_values_and_gradients_match_dense(kind, b, t):
 
 
 def test_blocks_past_the_used_count_are_not_multiplied():
-    """Only blocks holding copies are multiplied: the loop's trip count is the number of used blocks."""
-    lhs = jnp.ones((4, 2, 3))
-    w = jnp.stack([jnp.eye(3), 2 * jnp.eye(3)])
-    out = blocked.block_matmul(lhs, w, jnp.array([0, 1, 1, 1]), jnp.int32(2))
-    np.testing.assert_array_equal(np.asarray(out[:, 0, 0]), [1.0, 2.0, 0.0, 0.0])
+    """Only blocks holding copies go through an expert: the loop's trip count is the number of used blocks.
+    Identity-like experts (silu(x) * x on the ones input) make each block's output name its expert."""
+    x = jnp.ones((4, 2, 3))
+    eye = jnp.eye(3)
+    w_gate = jnp.stack([eye, eye])
+    w_down = jnp.stack([eye, 2 * eye])
+    out = blocked.expert_ffn(10.0, x, jnp.ones((4, 2)), w_gate, w_gate, w_down, jnp.array([0, 1, 1, 1]), jnp.int32(2))
+    silu_one = 1 / (1 + np.exp(-1.0))
+    np.testing.assert_allclose(np.asarray(out[:, 0, 0]), [silu_one, 2 * silu_one, 0.0, 0.0], rtol=1e-6)

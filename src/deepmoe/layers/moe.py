@@ -33,8 +33,11 @@ def route(params: dict, cfg: ModelConfig, x: jax.Array, token_ids: jax.Array) ->
 
 
 def swiglu(cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:
+    return clamped_swiglu(cfg.swiglu_limit, gate, up)
+
+
+def clamped_swiglu(limit: float, gate: jax.Array, up: jax.Array) -> jax.Array:
     """silu(min(gate, limit)) * clip(up, -limit, limit), in float32."""
-    limit = cfg.swiglu_limit
     gate = jnp.minimum(gate.astype(jnp.float32), limit)
     return jax.nn.silu(gate) * jnp.clip(up.astype(jnp.float32), -limit, limit)
 

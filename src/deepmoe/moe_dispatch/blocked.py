@@ -8,12 +8,14 @@ the loop over blocks stops at the blocks in use (on average T*K/block + E/2), wi
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from deepmoe.layers.moe import swiglu
+from deepmoe.layers.moe import clamped_swiglu
 from deepmoe.layers.precision import compute_dtype
 
 
@@ -50,59 +52,78 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     padded = padded.reshape(num_blocks, block, d)
 
     used = padded_end[-1] // block  # blocks holding copies; the rest of the static num_blocks stay zero
-
-    def grouped(lhs, w):  # lhs [nb, block, in] x w [E, in, out] -> [nb, block, out]
-        return block_matmul(lhs, w.astype(dtype), block_expert, used)
-
-    hidden = swiglu(cfg, grouped(padded, params["w_gate"]), grouped(padded, params["w_up"]))
     row_weights = jnp.zeros((num_blocks * block,), jnp.float32).at[slot].set(weights.reshape(-1)[order])
-    hidden = (hidden.reshape(-1, hidden.shape[-1]) * row_weights[:, None]).astype(dtype)
-    out = grouped(hidden.reshape(num_blocks, block, -1), params["w_down"]).reshape(-1, d)
+    expert_weights = tuple(params[name].astype(dtype) for name in ("w_gate", "w_up", "w_down"))
+    out = expert_ffn(cfg.swiglu_limit, padded, row_weights.reshape(num_blocks, block), *expert_weights,
+                     block_expert, used).reshape(-1, d)
     out_sorted = out[slot].astype(jnp.float32)
     return out_sorted[jnp.argsort(order)].reshape(b, t, k, d).sum(axis=2)
 
 
-def _blocks_times_experts(lhs, w, block_expert, used, transpose_w=False):
-    """out[i] = lhs[i] @ w[block_expert[i]] (w[...]^T if transpose_w) for i < used; later blocks are zero.
-
-    A loop indexing the weights: gathering w[block_expert] up front would materialise a copy of an expert
-    matrix per block (measured 2.5x slower forward on CPU), and the dynamic trip count skips the blocks that
-    only exist because the static block count must cover the worst case."""
-    nb, block, _ = lhs.shape
-    width = w.shape[1] if transpose_w else w.shape[2]
-    contract = (((1,), (1 if transpose_w else 0,)), ((), ()))
-
-    def body(i, out):
-        y = lax.dot_general(lhs[i], w[block_expert[i]], contract, preferred_element_type=jnp.float32)
-        return lax.dynamic_update_index_in_dim(out, y.astype(out.dtype), i, 0)
-
-    return lax.fori_loop(0, used, body, jnp.zeros((nb, block, width), lhs.dtype))
+def _ffn_block(limit, x, row_weight, w_gate, w_up, w_down):
+    """One block of rows through its expert: (gate, up) pre-activations and the weighted output."""
+    gate = jnp.dot(x, w_gate, preferred_element_type=jnp.float32).astype(x.dtype)
+    up = jnp.dot(x, w_up, preferred_element_type=jnp.float32).astype(x.dtype)
+    hidden = (clamped_swiglu(limit, gate, up) * row_weight[:, None]).astype(x.dtype)
+    return gate, up, jnp.dot(hidden, w_down, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-@jax.custom_vjp
-def block_matmul(lhs: jax.Array, w: jax.Array, block_expert: jax.Array, used: jax.Array) -> jax.Array:
-    """lhs [nb, block, in] x w [E, in, out] -> [nb, block, out], block i against expert block_expert[i].
-    Own VJP: a loop with a dynamic trip count has no reverse-mode rule, and accumulating each block's dW into
-    its expert's slice avoids the per-block [E, in, out] scatter that differentiating a gather makes."""
-    return _blocks_times_experts(lhs, w, block_expert, used)
+def _expert_ffn_fwd(limit, x, row_weights, w_gate, w_up, w_down, block_expert, used):
+    nb, block, _ = x.shape
+    hidden_dim = w_gate.shape[-1]
 
-
-def _block_matmul_fwd(lhs, w, block_expert, used):
-    return _blocks_times_experts(lhs, w, block_expert, used), (lhs, w, block_expert, used)
-
-
-def _block_matmul_bwd(residuals, dout):
-    lhs, w, block_expert, used = residuals
-    dlhs = _blocks_times_experts(dout, w, block_expert, used, transpose_w=True)
-
-    def accumulate(i, dw):  # blocks are sorted by expert; fp32 sums whatever the compute dtype
+    def body(i, carry):
+        gates, ups, out = carry
         e = block_expert[i]
-        part = lax.dot_general(lhs[i], dout[i], (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-        return lax.dynamic_update_index_in_dim(dw, dw[e] + part, e, 0)
+        gate, up, y = _ffn_block(limit, x[i], row_weights[i], w_gate[e], w_up[e], w_down[e])
+        put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, i, 0)
+        return put(gates, gate), put(ups, up), put(out, y)
 
-    dw = lax.fori_loop(0, used, accumulate, jnp.zeros(w.shape, jnp.float32)).astype(w.dtype)
-    no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)  # integer inputs
-    return dlhs, dw, no_grad(block_expert), no_grad(used)
+    zeros = lambda width: jnp.zeros((nb, block, width), x.dtype)
+    gates, ups, out = lax.fori_loop(0, used, body, (zeros(hidden_dim), zeros(hidden_dim), zeros(x.shape[-1])))
+    return out, (x, row_weights, w_gate, w_up, w_down, block_expert, used, gates, ups)
 
 
-block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def expert_ffn(limit: float, x: jax.Array, row_weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+               w_down: jax.Array, block_expert: jax.Array, used: jax.Array) -> jax.Array:
+    """x [nb, block, d] -> [nb, block, d]: each block of rows through the clamped-SwiGLU expert block_expert[i],
+    scaled per row by row_weights [nb, block]; blocks from `used` on stay zero.
+
+    One loop over the used blocks (its trip count is dynamic: the static block count must cover the worst
+    case), indexing each block's expert in the stacked weights; gathering w[block_expert] up front would copy an
+    expert matrix per block. Own VJP: a dynamic-trip-count loop has no reverse-mode rule, one backward loop
+    serves all six matmuls, and each block's dW is added into its expert's slice in fp32 (differentiating the
+    indexing would scatter a whole [E, in, out] cotangent per block)."""
+    return _expert_ffn_fwd(limit, x, row_weights, w_gate, w_up, w_down, block_expert, used)[0]
+
+
+def _expert_ffn_bwd(limit, residuals, dout):
+    x, row_weights, w_gate, w_up, w_down, block_expert, used, gates, ups = residuals
+
+    def body(i, carry):
+        dx, drow, dw_gate, dw_up, dw_down = carry
+        e = block_expert[i]
+        xi, dyi, weight = x[i], dout[i], row_weights[i][:, None]
+        act, act_vjp = jax.vjp(lambda g, u: clamped_swiglu(limit, g, u), gates[i], ups[i])
+        hidden = (act * weight).astype(x.dtype)
+        dhidden = jnp.dot(dyi, w_down[e].T, preferred_element_type=jnp.float32)
+        dgate, dup = act_vjp(dhidden * weight)
+        dgate, dup = dgate.astype(x.dtype), dup.astype(x.dtype)
+        dxi = (jnp.dot(dgate, w_gate[e].T, preferred_element_type=jnp.float32)
+               + jnp.dot(dup, w_up[e].T, preferred_element_type=jnp.float32))
+        add_to_expert = lambda dw, a, b: lax.dynamic_update_index_in_dim(  # blocks are sorted by expert
+            dw, dw[e] + jnp.dot(a.T, b, preferred_element_type=jnp.float32), e, 0)
+        return (lax.dynamic_update_index_in_dim(dx, dxi.astype(dx.dtype), i, 0),
+                lax.dynamic_update_index_in_dim(drow, jnp.sum(dhidden * act, axis=-1), i, 0),
+                add_to_expert(dw_gate, xi, dgate), add_to_expert(dw_up, xi, dup), add_to_expert(dw_down, hidden, dyi))
+
+    f32_zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
+    init = (jnp.zeros_like(x), f32_zeros(row_weights), f32_zeros(w_gate), f32_zeros(w_up), f32_zeros(w_down))
+    dx, drow, dw_gate, dw_up, dw_down = lax.fori_loop(0, used, body, init)
+    no_grad = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # integer inputs
+    return (dx, drow.astype(row_weights.dtype), dw_gate.astype(w_gate.dtype), dw_up.astype(w_up.dtype),
+            dw_down.astype(w_down.dtype), no_grad(block_expert), no_grad(used))
+
+
+expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
