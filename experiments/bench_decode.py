@@ -103,6 +103,9 @@ def bench_transformers(model, prompt, new_tokens, repeats):
 
 def main(argv=None) -> int:
     args = _parse(argv)
+    from deepmoe.backend.host_memory import keep_host_buffers
+
+    keep_host_buffers()  # as `deepmoe bench` does, before JAX starts
     import jax
     import torch
     from transformers import DeepseekV4ForCausalLM

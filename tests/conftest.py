@@ -16,6 +16,10 @@ jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+from deepmoe.backend.host_memory import keep_host_buffers  # noqa: E402
+
+keep_host_buffers()  # as the deepmoe commands do, before the backend starts
+
 import deepmoe as dm  # noqa: E402
 
 

@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     platform, rest = _pop_platform(platform_and_rest)
     from deepmoe.backend.cli_support import apply_platform, maybe_initialize_distributed
+    from deepmoe.backend.host_memory import keep_host_buffers
 
     apply_platform(platform)
+    keep_host_buffers()
     maybe_initialize_distributed()
     result = importlib.import_module(available[command][0]).main(rest)
     return int(result or 0)

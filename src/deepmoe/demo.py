@@ -7,7 +7,10 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deepmoe.backend.host_memory import keep_host_buffers
     from deepmoe.info import parameter_table
+
+    keep_host_buffers()
     from deepmoe.train.demo import main as train_and_sample
 
     code = train_and_sample(argv)

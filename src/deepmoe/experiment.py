@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from deepmoe.backend.host_memory import keep_host_buffers
+
 DPI = 110
 
 
@@ -70,6 +72,7 @@ def parse(p: argparse.ArgumentParser, argv: Sequence[str] | None, quick: Mapping
           full: Mapping[str, Any] | None = None) -> argparse.Namespace:
     """Parse argv; every option still None takes its value from `quick` (with --quick) or `full`."""
     args = p.parse_args(argv)
+    keep_host_buffers()  # before the script's first JAX op
     for key, value in ((quick if args.quick else full) or {}).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)

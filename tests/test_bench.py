@@ -1,0 +1,25 @@
+"""`deepmoe bench` on `tiny`: its JSON holds what the README tables quote, and MFU is the documented formula
+(model FLOPs per token from deepmoe.plan x tokens/s / the better of the two peak measurements)."""
+
+import json
+
+from deepmoe import bench
+from deepmoe.config import preset
+from deepmoe.plan import PlanOptions, flops_per_token
+
+
+def test_bench_json_and_mfu_formula(tmp_path, capsys):
+    out = tmp_path / "tiny.json"
+    assert bench.main(["--preset", "tiny", "--seq", "32", "--repeats", "1", "--skip", "decode",
+                       "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    flops = flops_per_token(preset("tiny").replace(num_mtp_layers=0),
+                            PlanOptions(mode="train", seq_len=32, remat="none"))
+    peak = r["peak_flops"]["float32"]
+    assert peak >= r["peak_flops_first_measurement"]["float32"] > 0
+    assert abs(r["forward"]["mfu"] - flops["forward"] * r["forward"]["tokens_per_s"] / peak) < 1e-12
+    assert abs(r["train"]["mfu"] - flops["model"] * r["train"]["tokens_per_s"] / peak) < 1e-12
+    assert r["forward"]["tokens_per_s"] == 32 / r["forward"]["seconds"]
+    assert r["host_buffers"] == "on" or "already started" in r["host_buffers"]  # conftest applied it first
+    printed = capsys.readouterr().out
+    assert "train step:" in printed and f"wrote {out}" in printed
