@@ -112,7 +112,7 @@ def _expert_ffn_bwd(limit, residuals, dout):
         dgate, dup = dgate.astype(x.dtype), dup.astype(x.dtype)
         dxi = (jnp.dot(dgate, w_gate[e].T, preferred_element_type=jnp.float32)
                + jnp.dot(dup, w_up[e].T, preferred_element_type=jnp.float32))
-        add_to_expert = lambda dw, a, b: lax.dynamic_update_index_in_dim(  # blocks are sorted by expert
+        add_to_expert = lambda dw, a, b: lax.dynamic_update_index_in_dim(  # fp32 sums, whatever the compute dtype
             dw, dw[e] + jnp.dot(a.T, b, preferred_element_type=jnp.float32), e, 0)
         return (lax.dynamic_update_index_in_dim(dx, dxi.astype(dx.dtype), i, 0),
                 lax.dynamic_update_index_in_dim(drow, jnp.sum(dhidden * act, axis=-1), i, 0),
