@@ -4,14 +4,14 @@ cannot apply. Run in subprocesses: the settings are process-wide and must preced
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc malloc settings")
+from deepmoe.backend.host_memory import glibc_linux, keep_host_buffers
+
+pytestmark = pytest.mark.skipif(not glibc_linux(), reason="glibc malloc settings")
 
 _SCRIPT = """
 import json, resource, sys
@@ -51,8 +51,6 @@ def test_temp_buffer_is_not_faulted_in_again():
 
 def test_says_so_when_a_backend_already_started():
     import jax
-
-    from deepmoe.backend.host_memory import keep_host_buffers
 
     jax.devices()  # the test process's backend is up
     assert "already started" in keep_host_buffers()

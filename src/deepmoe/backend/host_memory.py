@@ -27,11 +27,16 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
 _LARGEST = 2**31 - 1  # mallopt takes an int
 
 
+def glibc_linux() -> bool:
+    """Whether the settings can apply here: they are glibc malloc options."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def keep_host_buffers() -> str:
     """Apply the settings above where they can work; returns what happened (for logs and bench JSON)."""
     if os.environ.get("DEEPMOE_KEEP_HOST_BUFFERS", "1") == "0":
         return "off (DEEPMOE_KEEP_HOST_BUFFERS=0)"
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc_linux():
         return "not applied (needs Linux with glibc)"
     import jax
 
