@@ -1,6 +1,6 @@
 """The train step: TrainConfig, TrainState, init_state, make_train_step (jit, optional data-parallel mesh).
 
-One call = one optimizer update:
+One call = one optimizer update, in two compiled programs (`TrainStep`: 1 is `gradients`, 2-5 `update`):
   1. forward + backward on `grad_accum` micro-batches (lax.scan, fp32 gradient sums), in `compute_dtype`
      with fp32 master params; losses are normalised by the whole batch's counts, so accumulation is exact;
   2. global-norm clipping (the pre-clip norm is reported);
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -245,23 +245,31 @@ def _zero_cotangent(g, p):
     return jnp.zeros_like(p) if g.dtype == jax.dtypes.float0 else g
 
 
-def build_step_fn(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None):
-    """The un-jitted step function (state, batch) -> (state, metrics)."""
+class StepStats(NamedTuple):
+    """What the forward + backward half of a step hands to the update half beside the gradients."""
+    total: jax.Array  # [] the objective
+    parts: dict  # the separate loss terms
+    loads: dict  # tokens per expert: expert_load [L, E], mtp_load [E]
+    tokens: jax.Array  # [] valid next-token targets
+    mtp_weight: jax.Array  # [] the MTP weight this step used
+
+
+def build_gradient_fn(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None):
+    """The un-jitted first half of a step: (params, step, batch) -> (grads like params, StepStats): forward +
+    backward over the `grad_accum` micro-batches."""
     mcfg = model_config_for_training(cfg, tcfg)
-    optimizer = make_optimizer(mcfg, tcfg)
-    schedule = lr_schedule(tcfg)
     decay_at = decay_start_step(tcfg)
     accum = tcfg.grad_accum
     grad_fn = jax.value_and_grad(_objective, has_aux=True, allow_int=True)
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def gradients(params: Any, step: jax.Array, batch: dict) -> tuple[Any, StepStats]:
         ids, seg = _batch_arrays(batch)
         norms = {
             "tokens": jnp.maximum(jnp.sum(L.target_mask(ids, seg, 1, tcfg.pad_token_id)), 1).astype(jnp.float32),
             "mtp_tokens": jnp.maximum(jnp.sum(L.target_mask(ids, seg, 2, tcfg.pad_token_id)), 1).astype(jnp.float32),
             "sequences": jnp.float32(ids.shape[0]),
         }
-        mtp_weight = jnp.where(state.step < decay_at, tcfg.mtp_weight, tcfg.mtp_weight_after_decay)
+        mtp_weight = jnp.where(step < decay_at, tcfg.mtp_weight, tcfg.mtp_weight_after_decay)
         micro_ids, micro_seg = _micro_batches(ids, accum), _micro_batches(seg, accum)
         if mesh is not None and accum > 1 and (ids.shape[0] // accum) % mesh.shape["data"] == 0:
             micro_spec = NamedSharding(mesh, P(None, "data"))
@@ -270,23 +278,35 @@ def build_step_fn(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None)
 
         def micro(carry, xs):
             grads_acc, total_acc, parts_acc, loads_acc = carry
-            (total, (parts, loads)), grads = grad_fn(state.params, mcfg, tcfg, xs[0], xs[1], norms, mtp_weight)
-            grads = jax.tree.map(_zero_cotangent, grads, state.params)
+            (total, (parts, loads)), grads = grad_fn(params, mcfg, tcfg, xs[0], xs[1], norms, mtp_weight)
+            grads = jax.tree.map(_zero_cotangent, grads, params)
             add = lambda a, b: a + b  # noqa: E731
             return (jax.tree.map(add, grads_acc, grads), total_acc + total, jax.tree.map(add, parts_acc, parts),
                     jax.tree.map(add, loads_acc, loads)), None
 
         if accum == 1:
-            (total, (parts, loads)), grads = grad_fn(state.params, mcfg, tcfg, ids, seg, norms, mtp_weight)
-            grads = jax.tree.map(_zero_cotangent, grads, state.params)
+            (total, (parts, loads)), grads = grad_fn(params, mcfg, tcfg, ids, seg, norms, mtp_weight)
+            grads = jax.tree.map(_zero_cotangent, grads, params)
         else:
             zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
-            shapes = jax.eval_shape(lambda: _objective(state.params, mcfg, tcfg, micro_ids[0], micro_seg[0], norms,
+            shapes = jax.eval_shape(lambda: _objective(params, mcfg, tcfg, micro_ids[0], micro_seg[0], norms,
                                                        mtp_weight)[1])
-            init = (zeros_like(state.params), jnp.zeros((), jnp.float32), zeros_like(shapes[0]),
-                    zeros_like(shapes[1]))
+            init = (zeros_like(params), jnp.zeros((), jnp.float32), zeros_like(shapes[0]), zeros_like(shapes[1]))
             (grads, total, parts, loads), _ = jax.lax.scan(micro, init, (micro_ids, micro_seg))
+        return grads, StepStats(total, parts, loads, norms["tokens"], mtp_weight)
 
+    return gradients
+
+
+def build_update_fn(cfg: ModelConfig, tcfg: TrainConfig):
+    """The un-jitted second half of a step: (state, grads, StepStats) -> (state, metrics): clipping, the
+    optimizer, the router-bias rule and the non-finite guard."""
+    mcfg = model_config_for_training(cfg, tcfg)
+    optimizer = make_optimizer(mcfg, tcfg)
+    schedule = lr_schedule(tcfg)
+
+    def update_state(state: TrainState, grads: Any, stats: StepStats) -> tuple[TrainState, dict]:
+        total, parts, loads = stats.total, stats.parts, stats.loads
         trainable = jax.tree.leaves(jax.tree.map(lambda g, p: g if jnp.issubdtype(p.dtype, jnp.floating) else None,
                                                  grads, state.params))
         grad_norm = optax.tree.norm(trainable)
@@ -313,8 +333,8 @@ def build_step_fn(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None)
         load = loads["expert_load"].astype(jnp.float32)
         metrics = {
             "loss": parts["ce"], "mtp_loss": parts["mtp"], "balance_loss": parts["balance"], "z_loss": parts["z"],
-            "total_loss": total, "grad_norm": grad_norm, "lr": schedule(state.step), "mtp_weight": mtp_weight,
-            "skipped": (~finite).astype(jnp.int32), "tokens": norms["tokens"],
+            "total_loss": total, "grad_norm": grad_norm, "lr": schedule(state.step), "mtp_weight": stats.mtp_weight,
+            "skipped": (~finite).astype(jnp.int32), "tokens": stats.tokens,
             # max / mean tokens per expert, per decoder layer (1 = perfectly balanced)
             "load_max_over_mean": jnp.max(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9),
             "load_min_over_mean": jnp.min(load, -1) / jnp.maximum(jnp.mean(load, -1), 1e-9),
@@ -327,7 +347,13 @@ def build_step_fn(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None)
             metrics["mtp_expert_load"] = mload
         return new_state, metrics
 
-    return step
+    return update_state
+
+
+def build_step_fn(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None):
+    """The un-jitted step function (state, batch) -> (state, metrics): both halves in one function."""
+    gradients, update = build_gradient_fn(cfg, tcfg, mesh), build_update_fn(cfg, tcfg)
+    return lambda state, batch: update(state, *gradients(state.params, state.step, batch))
 
 
 def _step_key(tcfg: TrainConfig) -> TrainConfig:
@@ -336,25 +362,45 @@ def _step_key(tcfg: TrainConfig) -> TrainConfig:
 
 
 def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None, donate: bool = False):
-    """jitted `step(state, {"input_ids": [B, T] int[, "segment_ids": [B, T] int]}) -> (state, metrics)`.
+    """`step(state, {"input_ids": [B, T] int[, "segment_ids": [B, T] int]}) -> (state, metrics)`, compiled.
 
     With `mesh` (a jax.sharding.Mesh with a `data` axis): the batch is sharded over `data`, the state is
     replicated; the result equals the single-device step. `donate=True` donates the old state's buffers.
-    Cached: the same (cfg, tcfg, mesh, donate) returns the same jitted function (one compilation)."""
+    Cached: the same (cfg, tcfg, mesh, donate) returns the same TrainStep (one compilation)."""
     return _make_train_step(cfg, _step_key(tcfg), mesh, donate)
 
 
+class TrainStep:
+    """One optimizer step as two compiled programs: `gradients` (forward + backward, with deepmoe's XLA
+    options) and `update` (clipping, optimizer, router bias, non-finite guard, with XLA's default options).
+
+    Why two: on CPU the model's small reductions (mHC's sums over 4 streams) need YNNPACK kept off reductions
+    (backend/xla_options.py), while the update's big ones need it on: with it off, XLA rewrites the global
+    gradient norm into reduce-windows and `small`'s AdamW update (norm included) took 381 ms instead of 208 ms.
+    Compile options apply per program, so each half gets its own."""
+
+    def __init__(self, gradients, update):
+        self.gradients, self.update = gradients, update
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self.update(state, *self.gradients(state.params, state.step, batch))
+
+
 @functools.lru_cache(maxsize=16)
-def _make_train_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None, donate: bool):
-    step = build_step_fn(cfg, tcfg, mesh)
-    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+def _make_train_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None, donate: bool) -> TrainStep:
+    grad_kwargs: dict[str, Any] = {}
+    # Without a donated state the gradients (temporaries of the step) are donated instead: the new parameters
+    # reuse their buffers. With it there are already buffers for every output (params, moments).
+    update_kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else (1,)}
     if mesh is not None:
         if "data" not in mesh.axis_names:
             raise ValueError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
         replicated = NamedSharding(mesh, P())
-        kwargs.update(in_shardings=(replicated, NamedSharding(mesh, P("data"))),
-                      out_shardings=(replicated, replicated))
-    return xla_options.jit(step, **kwargs)
+        grad_kwargs.update(in_shardings=(replicated, replicated, NamedSharding(mesh, P("data"))),
+                           out_shardings=replicated)
+        update_kwargs.update(in_shardings=(replicated,) * 3, out_shardings=(replicated, replicated))
+    return TrainStep(xla_options.jit(build_gradient_fn(cfg, tcfg, mesh), **grad_kwargs),
+                     jax.jit(build_update_fn(cfg, tcfg), **update_kwargs))
 
 
 def make_eval_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None):
