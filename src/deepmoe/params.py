@@ -193,6 +193,36 @@ def param_specs(cfg: ModelConfig) -> dict[str, Any]:
     return spec
 
 
+def layer_params(params: dict, cfg: ModelConfig) -> list[tuple[LayerKind, dict]]:
+    """Every decoder layer's (kind, parameters), in layer order, from either layout: the stacked `segments`
+    (each layer a static slice of its segment's stacks) or the per-layer `layers` of `unstack_layers`."""
+    kinds = list(zip(cfg.layer_types, cfg.moe_layer_types))
+    if "layers" in params:
+        return list(zip(kinds, params["layers"]))
+    layers: list[Any] = [None] * cfg.num_layers
+    for seg, seg_params in zip(layer_segments(cfg), params["segments"]):
+        for r in range(seg.repeats):
+            for position, stacked in enumerate(seg_params):
+                layers[seg.layer_index(r, position)] = jax.tree.map(lambda a, r=r: a[r], stacked)
+    return list(zip(kinds, layers))
+
+
+def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
+    """The per-layer layout: `segments` (stacked so the full-sequence forward can lax.scan over layers) replaced
+    by `layers`, one parameter dict per decoder layer; everything else shared. Cached decoding accepts both;
+    over this one it reads every weight where it lies. Over the stacks, each token copies every layer's
+    weights out of them first (XLA slices a stack by copying), which made `small`'s decode 3x slower. Costs
+    one copy of the decoder layers' parameters."""
+    if "layers" in params:
+        return params
+    return {**{k: v for k, v in params.items() if k != "segments"}, "layers": _unstack_jitted(params, cfg)}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _unstack_jitted(params: dict, cfg: ModelConfig) -> list[dict]:
+    return [p for _, p in layer_params({"segments": params["segments"]}, cfg)]
+
+
 def _dtype(spec: ParamSpec, cfg: ModelConfig):
     return jnp.dtype(spec.dtype or cfg.param_dtype)
 

@@ -1,4 +1,5 @@
-"""Preallocated, fixed-shape inference caches (spec §9.1), stacked per segment like the parameters.
+"""Preallocated, fixed-shape inference caches (spec §9.1): one `LayerCache` per decoder layer, unstacked, so a
+decode step reads and updates each layer's buffers where they lie (a slice of a stack would be a copy).
 
 Per decoder layer (`LayerCache`):
   * `window`      [B, W, c]   ring buffer of the last W rotated kv rows: position p lives in slot p % W.
@@ -8,9 +9,8 @@ Per decoder layer (`LayerCache`):
                   `entries` [B, max_len // ratio, dim]: entry n pools the window closing at (n + 1) * ratio - 1.
   * `indexer`     (CSA) the same for the lightning indexer's compressor; its entries are the indexer keys.
 
-Logical axes (batch first inside a layer; a stacked segment adds a leading `layers` axis, like the params),
-named as in `deepmoe.sharding.ShardingRules`: window and entries ("layers", "batch", "seq", "head_dim"),
-pending rows ("layers", "batch", "seq", "compress"), lengths ("batch",). `cache_axes(cache)` returns them as a
+Logical axes, named as in `deepmoe.sharding.ShardingRules`: window and entries ("batch", "seq", "head_dim"),
+pending rows ("batch", "seq", "compress"), lengths ("batch",). `cache_axes(cache)` returns them as a
 matching pytree and `shard_cache` places a cache on a mesh with them (batch over the batch mesh axes).
 
 Nothing is ever read by a stored position: every slot's position is implied by the sequence length, so the
@@ -29,7 +29,6 @@ from flax import struct
 
 from deepmoe.config import CSA, SLIDING, ModelConfig
 from deepmoe.layers.precision import compute_dtype
-from deepmoe.params import layer_segments
 
 INDEX_KEY_DTYPE = jnp.float32  # the full forward scores the indexer in float32; keep its keys exact
 
@@ -50,7 +49,7 @@ class LayerCache:
 
 @struct.dataclass
 class DecodeCache:
-    segments: list  # segments[s][p]: LayerCache of pattern position p, leaves stacked [repeats, B, ...]
+    layers: list  # layers[i]: LayerCache of decoder layer i
     lengths: jax.Array  # [B] int32 tokens already processed = the position of the next token
     max_len: int = struct.field(pytree_node=False)
 
@@ -86,15 +85,10 @@ def layer_cache_shapes(cfg: ModelConfig, layer_type: str, batch: int, max_len: i
     return LayerCache(window=window, compressor=compressor, indexer=indexer)
 
 
-def _stacked(tree: Any, repeats: int) -> Any:
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct((repeats, *s.shape), s.dtype), tree)
-
-
 def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> DecodeCache:
     """The whole decode cache as ShapeDtypeStructs (what `init_cache` allocates)."""
-    segments = [[_stacked(layer_cache_shapes(cfg, kind[0], batch, max_len), seg.repeats) for kind in seg.kinds]
-                for seg in layer_segments(cfg)]
-    return DecodeCache(segments=segments, lengths=jax.ShapeDtypeStruct((batch,), jnp.int32), max_len=max_len)
+    layers = [layer_cache_shapes(cfg, layer_type, batch, max_len) for layer_type in cfg.layer_types]
+    return DecodeCache(layers=layers, lengths=jax.ShapeDtypeStruct((batch,), jnp.int32), max_len=max_len)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> DecodeCache:
@@ -102,8 +96,8 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> DecodeCache:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache_shapes(cfg, batch, max_len))
 
 
-WINDOW_AXES = ("layers", "batch", "seq", "head_dim")
-PENDING_AXES = ("layers", "batch", "seq", "compress")
+WINDOW_AXES = ("batch", "seq", "head_dim")
+PENDING_AXES = ("batch", "seq", "compress")
 
 
 def cache_axes(cache: DecodeCache) -> DecodeCache:
@@ -111,9 +105,9 @@ def cache_axes(cache: DecodeCache) -> DecodeCache:
     def comp(c):
         return None if c is None else CompressorCache(kv=PENDING_AXES, gate=PENDING_AXES, entries=WINDOW_AXES)
 
-    segments = [[LayerCache(window=WINDOW_AXES, compressor=comp(layer.compressor), indexer=comp(layer.indexer))
-                 for layer in seg] for seg in cache.segments]
-    return DecodeCache(segments=segments, lengths=("batch",), max_len=cache.max_len)
+    layers = [LayerCache(window=WINDOW_AXES, compressor=comp(layer.compressor), indexer=comp(layer.indexer))
+              for layer in cache.layers]
+    return DecodeCache(layers=layers, lengths=("batch",), max_len=cache.max_len)
 
 
 def shard_cache(cache: DecodeCache, mesh: Any, rules: Any = None) -> DecodeCache:

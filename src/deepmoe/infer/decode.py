@@ -27,7 +27,7 @@ from deepmoe.layers.hyper import hc_head
 from deepmoe.layers.norms import rms_norm
 from deepmoe.layers.precision import compute_dtype
 from deepmoe.model import logits_from_hidden
-from deepmoe.params import layer_segments
+from deepmoe.params import layer_params, layer_segments
 
 
 class InferenceError(ValueError):
@@ -147,24 +147,34 @@ def prefill_jit(params: dict, cfg: ModelConfig, prompt_ids: jax.Array, lengths: 
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     segment_ids = jnp.zeros((b, t), jnp.int32)
     streams = embed_streams(params, cfg, prompt_ids)
-    caches = []
-    for segment, seg_params in zip(layer_segments(cfg), params["segments"]):
+
+    def layer(streams, p, attn_type):
+        def attn(ap, x):
+            return attention_with_state(ap, cfg, attn_type, x, positions, segment_ids)
+
+        streams, _, state = block_with(attn, p, cfg, streams, prompt_ids, moe_strategy)
+        return streams, _layer_cache(cfg, attn_type, state, lengths, max_len)
+
+    caches: list = [None] * cfg.num_layers  # the decode cache is per layer (cache.py)
+    if "layers" in params:  # per-layer weights (params.unstack_layers): one layer after another
+        for i, ((attn_type, _), p) in enumerate(layer_params(params, cfg)):
+            streams, caches[i] = layer(streams, p, attn_type)
+    for segment, seg_params in zip(layer_segments(cfg), params.get("segments", ())):  # stacked: scan
 
         def body(streams, layer_params, segment=segment):
             layer_caches = []
             for (attn_type, _), p in zip(segment.kinds, layer_params):
-                def attn(ap, x, attn_type=attn_type):
-                    return attention_with_state(ap, cfg, attn_type, x, positions, segment_ids)
-
-                streams, _, state = block_with(attn, p, cfg, streams, prompt_ids, moe_strategy)
-                layer_caches.append(_layer_cache(cfg, attn_type, state, lengths, max_len))
+                streams, c = layer(streams, p, attn_type)
+                layer_caches.append(c)
             return streams, layer_caches
 
         streams, seg_cache = jax.lax.scan(body, streams, seg_params)
-        caches.append(seg_cache)
+        for r in range(segment.repeats):
+            for position, stacked in enumerate(seg_cache):
+                caches[segment.layer_index(r, position)] = jax.tree.map(lambda a, r=r: a[r], stacked)
     last = jnp.take_along_axis(streams, (lengths - 1)[:, None, None, None], axis=1)  # [B, 1, n, D]
     logits = head_logits(params, cfg, last)[:, 0]
-    cache = DecodeCache(segments=caches, lengths=lengths.astype(jnp.int32), max_len=max_len)
+    cache = DecodeCache(layers=caches, lengths=lengths.astype(jnp.int32), max_len=max_len)
     return PrefillOutput(logits, cache, streams)
 
 
@@ -190,25 +200,20 @@ def prefill(params: dict, cfg: ModelConfig, prompt_ids: Any, lengths: Any = None
 
 def run_layers_cached(params: dict, cfg: ModelConfig, cache: DecodeCache, streams: jax.Array, tokens: jax.Array,
                       positions: jax.Array, moe_strategy: str = "auto") -> tuple[jax.Array, list]:
-    """streams [B, S, n, D] of S new tokens through every decoder layer -> (streams, new segment caches)."""
+    """streams [B, S, n, D] of S new tokens through every decoder layer -> (streams, new layer caches).
+
+    The layers are unrolled, not scanned: a step moves a few tokens through each weight once, so it is bound by
+    reading the weights, and a scan would copy every layer's weights (and cache) out of the stacks first.
+    Over `unstack_layers` params every matrix is read where it lies."""
     moe_strategy = decode_strategy(cfg, tokens.size, moe_strategy)
-    new_segments = []
-    for segment, seg_params, seg_cache in zip(layer_segments(cfg), params["segments"], cache.segments):
+    new_layers = []
+    for ((attn_type, _), p), c in zip(layer_params(params, cfg), cache.layers):
+        def attn(ap, x, attn_type=attn_type, c=c):
+            return cached_attention(ap, cfg, attn_type, x, positions, c)
 
-        def body(streams, xs, segment=segment):
-            layer_params, layer_caches = xs
-            updated = []
-            for (attn_type, _), p, c in zip(segment.kinds, layer_params, layer_caches):
-                def attn(ap, x, attn_type=attn_type, c=c):
-                    return cached_attention(ap, cfg, attn_type, x, positions, c)
-
-                streams, _, c = block_with(attn, p, cfg, streams, tokens, moe_strategy)
-                updated.append(c)
-            return streams, updated
-
-        streams, seg_cache = jax.lax.scan(body, streams, (seg_params, seg_cache))
-        new_segments.append(seg_cache)
-    return streams, new_segments
+        streams, _, c = block_with(attn, p, cfg, streams, tokens, moe_strategy)
+        new_layers.append(c)
+    return streams, new_layers
 
 
 def forward_chunk(params: dict, cfg: ModelConfig, cache: DecodeCache, tokens: jax.Array,
@@ -220,9 +225,9 @@ def forward_chunk(params: dict, cfg: ModelConfig, cache: DecodeCache, tokens: ja
         raise InferenceError(f"a cached chunk of {s} tokens is longer than the window or a compression ratio")
     positions = cache.lengths[:, None] + jnp.arange(s, dtype=jnp.int32)
     streams = embed_streams(params, cfg, tokens)
-    streams, segments = run_layers_cached(params, cfg, cache, streams, tokens, positions, moe_strategy)
+    streams, layers = run_layers_cached(params, cfg, cache, streams, tokens, positions, moe_strategy)
     logits = head_logits(params, cfg, streams)
-    return logits, streams, cache.replace(segments=segments, lengths=cache.lengths + s)
+    return logits, streams, cache.replace(layers=layers, lengths=cache.lengths + s)
 
 
 @xla_options.jit(static_argnames=("cfg", "moe_strategy"), donate_argnames=("cache",))
@@ -235,7 +240,9 @@ def decode_step_jit(params: dict, cfg: ModelConfig, cache: DecodeCache, token: j
 def decode_step(params: dict, cfg: ModelConfig, cache: DecodeCache, token: Any, *, moe_strategy: str = "auto"
                 ) -> tuple[jax.Array, DecodeCache]:
     """One token per sequence [B] at position cache.lengths -> (logits [B, V] float32, cache).
-    The cache argument is donated (its buffers are reused): keep only the returned one."""
+    The cache argument is donated (its buffers are reused): keep only the returned one. For a loop of steps,
+    pass `deepmoe.params.unstack_layers(params, cfg)` (converted once): each step then reads the weights in
+    place instead of copying them out of the layer stacks."""
     if not isinstance(token, jax.core.Tracer):
         host = np.asarray(token)
         if host.shape != cache.lengths.shape:

@@ -25,6 +25,7 @@ from deepmoe.infer.decode import (InferenceError, check_max_len, check_token_ids
                                   main_params, prefill_jit, prompt_lengths)
 from deepmoe.infer.sampling import sample, sampling_params
 from deepmoe.infer.speculative import require_mtp, spec_prefill, spec_step_jit
+from deepmoe.params import unstack_layers
 
 Callback = Callable[[np.ndarray, np.ndarray], Any]  # (tokens [B, k], emitted mask [B, k]) per step
 
@@ -157,6 +158,9 @@ def generate(params: dict, cfg: ModelConfig, prompt_ids: Any, max_new_tokens: in
     called after every step (k = 1, or 2 when speculative). speculative=True drafts with the MTP module
     (greedy only; output identical to plain greedy). kernels: override cfg.kernels ("reference" | "pallas" |
     "auto") for the attention core of the prompt's prefill.
+    params: stacked (`init_params`, `load_pretrained`) or per-layer (`deepmoe.params.unstack_layers`); the
+    steps run on per-layer weights, so stacked ones are copied into that layout at every call: convert once
+    when generating repeatedly.
     -> GenerateResult(tokens [B, N], lengths [B], stats).
     """
     # Only the prompt's full-sequence pass has a kernel path (cached steps attend through infer.attention), so
@@ -189,13 +193,15 @@ def generate(params: dict, cfg: ModelConfig, prompt_ids: Any, max_new_tokens: in
     n_max = max_new_tokens
     prompt = jnp.asarray(ids[:, :min(ids.shape[1], max_len)], jnp.int32)
     t0 = time.perf_counter()
+    # Per-layer weights (a copy of the layer stacks, unless the caller passes them so): the token steps then
+    # read every matrix in place (params.unstack_layers).
+    params = unstack_layers(params if speculative else main_params(params), cfg)
     if speculative:
         logits, state = spec_prefill(params, prefill_cfg, prompt, jnp.asarray(lengths), max_len=max_len,
                                      moe_strategy=moe_strategy)
         first, state, out = _first_spec_token(logits, state, stops_array, n_max=n_max, pad=pad)
         carry = (state, out)
     else:
-        params = main_params(params)
         pre = prefill_jit(params, prefill_cfg, prompt, jnp.asarray(lengths), max_len=max_len,
                           moe_strategy=moe_strategy)
         first, out, _ = _sample_emit(pre.logits, _new_output(ids.shape[0], n_max, pad), key, sp, stops_array,
