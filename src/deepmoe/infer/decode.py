@@ -27,7 +27,7 @@ from deepmoe.layers.hyper import hc_head
 from deepmoe.layers.norms import rms_norm
 from deepmoe.layers.precision import compute_dtype
 from deepmoe.model import logits_from_hidden
-from deepmoe.params import layer_params, layer_segments
+from deepmoe.params import layer_params, layer_segments, per_layer
 
 
 class InferenceError(ValueError):
@@ -155,23 +155,25 @@ def prefill_jit(params: dict, cfg: ModelConfig, prompt_ids: jax.Array, lengths: 
         streams, _, state = block_with(attn, p, cfg, streams, prompt_ids, moe_strategy)
         return streams, _layer_cache(cfg, attn_type, state, lengths, max_len)
 
-    caches: list = [None] * cfg.num_layers  # the decode cache is per layer (cache.py)
     if "layers" in params:  # per-layer weights (params.unstack_layers): one layer after another
-        for i, ((attn_type, _), p) in enumerate(layer_params(params, cfg)):
-            streams, caches[i] = layer(streams, p, attn_type)
-    for segment, seg_params in zip(layer_segments(cfg), params.get("segments", ())):  # stacked: scan
+        caches = []
+        for (attn_type, _), p in layer_params(params, cfg):
+            streams, c = layer(streams, p, attn_type)
+            caches.append(c)
+    else:  # stacked weights: a scan per segment
+        stacked_caches = []
+        for segment, seg_params in zip(layer_segments(cfg), params["segments"]):
 
-        def body(streams, layer_params, segment=segment):
-            layer_caches = []
-            for (attn_type, _), p in zip(segment.kinds, layer_params):
-                streams, c = layer(streams, p, attn_type)
-                layer_caches.append(c)
-            return streams, layer_caches
+            def body(streams, pattern_params, segment=segment):
+                pattern_caches = []
+                for (attn_type, _), p in zip(segment.kinds, pattern_params):
+                    streams, c = layer(streams, p, attn_type)
+                    pattern_caches.append(c)
+                return streams, pattern_caches
 
-        streams, seg_cache = jax.lax.scan(body, streams, seg_params)
-        for r in range(segment.repeats):
-            for position, stacked in enumerate(seg_cache):
-                caches[segment.layer_index(r, position)] = jax.tree.map(lambda a, r=r: a[r], stacked)
+            streams, seg_cache = jax.lax.scan(body, streams, seg_params)
+            stacked_caches.append(seg_cache)
+        caches = per_layer(stacked_caches, cfg)  # the decode cache is per layer (cache.py)
     last = jnp.take_along_axis(streams, (lengths - 1)[:, None, None, None], axis=1)  # [B, 1, n, D]
     logits = head_logits(params, cfg, last)[:, 0]
     cache = DecodeCache(layers=caches, lengths=lengths.astype(jnp.int32), max_len=max_len)
