@@ -19,6 +19,7 @@ _EXPORTS = {
     "count_params": "deepmoe.params",
     "init_params": "deepmoe.params",
     "param_specs": "deepmoe.params",
+    "unstack_layers": "deepmoe.params",
     "load_pretrained": "deepmoe.io.pretrained",
     "generate": "deepmoe.infer.generate",
     "save_pretrained": "deepmoe.io.pretrained",
