@@ -6,7 +6,8 @@ XLA:CPU hands reductions to YNNPACK by default. For the reductions this model is
 runs 10-30x slower than XLA's own fused loops: keeping YNNPACK for dots only made the `mini` train step ~1.5x
 faster (measured with `deepmoe bench`, see README "Performance"). The option is experimental in XLA, so it is
 probed once and silently dropped where this jaxlib does not know it; other platforms get no options.
-Set DEEPMOE_XLA_OPTIONS=0 to compile with XLA's defaults.
+Set DEEPMOE_XLA_OPTIONS=0 to compile with XLA's defaults. The train step's optimizer half keeps XLA's defaults on
+purpose: its big flat reductions (the global gradient norm) are the ones YNNPACK does fast (train/step.py).
 """
 
 from __future__ import annotations
