@@ -219,12 +219,11 @@ def unstack_layers(params: dict, cfg: ModelConfig) -> dict:
     token). Costs one copy of the decoder layers' parameters."""
     if "layers" in params:
         return params
-    return {**{k: v for k, v in params.items() if k != "segments"}, "layers": _unstack_jitted(params, cfg)}
+    rest = {k: v for k, v in params.items() if k != "segments"}
+    return {**rest, "layers": _per_layer_jitted(params["segments"], cfg)}
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack_jitted(params: dict, cfg: ModelConfig) -> list[dict]:
-    return per_layer(params["segments"], cfg)
+_per_layer_jitted = jax.jit(per_layer, static_argnums=1)  # one program for every slice
 
 
 def _dtype(spec: ParamSpec, cfg: ModelConfig):
