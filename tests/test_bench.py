@@ -1,5 +1,6 @@
 """`deepmoe bench` on `tiny`: its JSON holds what the README tables quote, and MFU is the documented formula
-(model FLOPs per token from deepmoe.plan x tokens/s / the better of the two peak measurements)."""
+(model FLOPs per token from deepmoe.plan x tokens/s / the better of the two peak measurements); --profile adds
+the per-component breakdown of both timed programs."""
 
 import json
 
@@ -11,7 +12,7 @@ from deepmoe.plan import PlanOptions, flops_per_token
 def test_bench_json_and_mfu_formula(tmp_path, capsys):
     out = tmp_path / "tiny.json"
     assert bench.main(["--preset", "tiny", "--seq", "32", "--repeats", "1", "--skip", "decode",
-                       "--json", str(out)]) == 0
+                       "--json", str(out), "--profile"]) == 0
     r = json.loads(out.read_text())
     flops = flops_per_token(preset("tiny").replace(num_mtp_layers=0),
                             PlanOptions(mode="train", seq_len=32, remat="none"))
@@ -23,3 +24,10 @@ def test_bench_json_and_mfu_formula(tmp_path, capsys):
     assert r["host_buffers"] == "on" or "already started" in r["host_buffers"]  # conftest applied it first
     printed = capsys.readouterr().out
     assert "train step:" in printed and f"wrote {out}" in printed
+    # --profile: both programs of the step traced, the model's components found in each
+    fwd, step = r["forward"]["profile"], r["train"]["profile"]
+    assert {"attention", "moe", "mhc"} <= set(fwd["components"])
+    assert {"attention (backward)", "moe (backward)", "optimizer update"} <= set(step["components"])
+    assert abs(sum(step["components"].values()) - step["op_ms_per_run"]) < 1e-6
+    assert (tmp_path / "tiny-profile.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "tiny-trace").is_dir()
+    assert "profile, train step:" in printed

@@ -15,6 +15,10 @@ Measured, in one process:
 - peak memory: XLA's `memory_analysis()` of each compiled program and the process's peak RSS;
 - with --compare-transformers: transformers' `DeepseekV4ForCausalLM` on the same config (eager attention, float32,
   torch threads = this machine's cores): forward, an AdamW train step, and `generate`, reported as ratios.
+- with --profile: where the forward's and the train step's time goes, per model component (attention, moe, mhc,
+  the layer scan's weight slices, optimizer update; forward and backward apart), from a jax.profiler trace
+  (deepmoe.profile): printed, in the JSON, as a PNG bar chart next to it, and the trace itself for TensorBoard
+  or Perfetto (runs/bench/<name>-trace/).
 Times are medians over repeats after a warm-up. Writes JSON (default runs/bench/<preset>.json).
 """
 
@@ -32,6 +36,10 @@ from typing import Any, Callable
 import numpy as np
 
 from deepmoe.backend.host_memory import keep_host_buffers
+from deepmoe.profile import format_profile, plot_profiles, profile_runs, summary
+
+
+PROFILED = (("forward", "forward"), ("train", "train step"))  # result key, title
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -66,7 +74,7 @@ def _memory(compiled) -> dict[str, int]:
                                                    "output_size_in_bytes") if hasattr(analysis, k)}
 
 
-def bench_forward(cfg, params, ids, repeats: int) -> dict[str, Any]:
+def bench_forward(cfg, params, ids, repeats: int, trace_dir: str | None = None) -> dict[str, Any]:
     import deepmoe as dm
     from deepmoe.backend import xla_options
 
@@ -75,11 +83,15 @@ def bench_forward(cfg, params, ids, repeats: int) -> dict[str, Any]:
     compiled = fn.lower(params, ids).compile()
     compile_s = time.perf_counter() - start
     seconds = _median_time(lambda: compiled(params, ids), repeats)
-    return {"compile_s": compile_s, "seconds": seconds, "tokens_per_s": ids.size / seconds,
-            "memory": _memory(compiled)}
+    result = {"compile_s": compile_s, "seconds": seconds, "tokens_per_s": ids.size / seconds,
+              "memory": _memory(compiled)}
+    if trace_dir:
+        result["profile"] = summary(profile_runs(lambda: compiled(params, ids), [(compiled.as_text(), None)],
+                                                 trace_dir))
+    return result
 
 
-def bench_train(cfg, ids, repeats: int) -> dict[str, Any]:
+def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None) -> dict[str, Any]:
     import jax
 
     from deepmoe import train
@@ -101,7 +113,14 @@ def bench_train(cfg, ids, repeats: int) -> dict[str, Any]:
         return metrics
 
     seconds = _median_time(run, repeats)
-    return {"compile_plus_first_step_s": compile_s, "seconds": seconds, "tokens_per_s": ids.size / seconds}
+    result = {"compile_plus_first_step_s": compile_s, "seconds": seconds, "tokens_per_s": ids.size / seconds}
+    if trace_dir:  # the step's two programs (deepmoe.train.step.TrainStep), compiled again only for their HLO
+        grads, stats = step.gradients(state.params, state.step, batch)
+        programs = [(step.gradients.lower(state.params, state.step, batch).compile().as_text(), None),
+                    (step.update.lower(state, grads, stats).compile().as_text(), "optimizer update")]
+        del grads, stats
+        result["profile"] = summary(profile_runs(run, programs, trace_dir))
+    return result
 
 
 def bench_generate(cfg, params, prompt, new_tokens: int) -> dict[str, Any]:
@@ -174,7 +193,8 @@ def bench_transformers(cfg, ids: np.ndarray, repeats: int, new_tokens: int, skip
 
 
 def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compare: bool,
-              skip: set[str], log: Callable[[str], None] = print) -> dict[str, Any]:
+              skip: set[str], log: Callable[[str], None] = print, trace_dir: str | None = None) -> dict[str, Any]:
+    """trace_dir: profile the forward and the train step there (`result[part]["profile"]`, deepmoe.profile)."""
     import jax
 
     import deepmoe as dm
@@ -191,10 +211,10 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
     ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
 
     log("forward ...")
-    result["forward"] = bench_forward(cfg, params, ids, repeats)
+    result["forward"] = bench_forward(cfg, params, ids, repeats, trace_dir and os.path.join(trace_dir, "forward"))
     if "train" not in skip:
         log("train step ...")
-        result["train"] = bench_train(cfg, ids, repeats)
+        result["train"] = bench_train(cfg, ids, repeats, trace_dir and os.path.join(trace_dir, "train"))
     if "decode" not in skip:
         log("prefill + decode ...")
         result["generate"] = bench_generate(cfg.replace(num_mtp_layers=0), params, ids[:, : min(64, seq)],
@@ -237,6 +257,9 @@ def format_result(r: dict[str, Any]) -> str:
     for key, ratio in r.get("speedup_vs_transformers", {}).items():
         lines.append(f"vs transformers, {key.replace('_tokens_per_s', '')}: {ratio:.2f}x")
     lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+    for part, title in PROFILED:
+        if "profile" in r.get(part, {}):
+            lines.append(format_profile(f"profile, {title}", r[part]["profile"]))
     if "host_buffers" in r:
         lines.append(f"host buffers kept between runs (deepmoe.backend.host_memory): {r['host_buffers']}")
     return "\n".join(lines)
@@ -258,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: train,decode")
     parser.add_argument("--compare-transformers", action="store_true")
     parser.add_argument("--json", metavar="FILE", help="where to write the results (default runs/bench/NAME.json)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace the forward and the train step and break their time down by model "
+                             "component (printed, in the JSON, NAME-profile.png, trace in NAME-trace/)")
     args = parser.parse_args(argv)
     host_buffers = keep_host_buffers()  # before any JAX op (the deepmoe command has already applied it)
 
@@ -265,13 +291,20 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = dm.ModelConfig.from_hf(args.hf_config) if args.hf_config else dm.preset(args.preset)
     cfg = cfg.replace(compute_dtype=args.dtype)
-    result = run_bench(cfg, batch=args.batch, seq=args.seq, repeats=args.repeats, new_tokens=args.new_tokens,
-                       compare=args.compare_transformers, skip=set(filter(None, args.skip.split(","))))
-    result["host_buffers"] = host_buffers
-    result["name"] = Path(args.hf_config).stem if args.hf_config else args.preset
-    print(format_result(result))
-    out = Path(args.json or f"runs/bench/{result['name']}.json")
+    name = Path(args.hf_config).stem if args.hf_config else args.preset
+    out = Path(args.json or f"runs/bench/{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    trace_dir = str(out.with_name(out.stem + "-trace")) if args.profile else None
+    result = run_bench(cfg, batch=args.batch, seq=args.seq, repeats=args.repeats, new_tokens=args.new_tokens,
+                       compare=args.compare_transformers, skip=set(filter(None, args.skip.split(","))),
+                       trace_dir=trace_dir)
+    result["host_buffers"] = host_buffers
+    result["name"] = name
+    print(format_result(result))
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
+    profiles = {title: result[part]["profile"] for part, title in PROFILED if "profile" in result.get(part, {})}
+    if profiles:
+        png = plot_profiles(profiles, str(out.with_name(out.stem + "-profile.png")))
+        print(f"wrote {png} and the traces under {trace_dir} (TensorBoard's profile plugin or ui.perfetto.dev)")
     return 0

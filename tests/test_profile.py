@@ -1,0 +1,81 @@
+"""deepmoe.profile: op times from a real jax.profiler trace, attributed by named scope, forward vs backward,
+loop bodies counted per iteration and loops not counted twice (self times); checked on programs whose structure
+(scopes, trip counts, which part does ~all the FLOPs) is known by construction."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from deepmoe.profile import component, hlo_ops, plot_profiles, profile_runs
+
+
+def _scoped(w, x, n):
+    with jax.named_scope("attention"):  # ~all the FLOPs: a chain of 256^3 matmuls
+        for _ in range(4):
+            x = jnp.tanh(x @ w)
+    with jax.named_scope("moe"):  # n iterations of a small loop body
+        def body(i, v):
+            return jnp.sin(v @ w[:64, :64]) + i.astype(v.dtype)
+        y = jax.lax.fori_loop(0, n, body, x[:64, :64])
+    return x.sum() + y.sum()
+
+
+@pytest.fixture(scope="module")
+def scoped_program():
+    w = jax.random.normal(jax.random.key(0), (256, 256)) / 16
+    x = jax.random.normal(jax.random.key(1), (256, 256))
+    n = jnp.int32(7)  # traced: the loop stays a while loop
+    compiled = jax.jit(_scoped).lower(w, x, n).compile()
+    compiled(w, x, n).block_until_ready()
+    return compiled, (w, x, n)
+
+
+def test_hlo_ops_reads_opcodes_and_sources(scoped_program):
+    compiled, _ = scoped_program
+    module, ops = hlo_ops(compiled.as_text())
+    assert module.startswith("jit__scoped")
+    whiles = [op for op in ops.values() if op.opcode == "while"]
+    assert len(whiles) == 1 and "moe" in whiles[0].op_name.split("/")
+    dots = {component(op) for op in ops.values() if op.op_name.endswith("dot_general")}
+    assert dots == {"attention", "moe"}
+
+
+def test_profile_attributes_time_and_counts_loop_iterations(scoped_program, tmp_path):
+    compiled, args = scoped_program
+    runs = 3
+    prof = profile_runs(lambda: compiled(*args), [(compiled.as_text(), None)], str(tmp_path), runs=runs)
+    comps = prof["components"]
+    assert set(comps) <= {"attention", "moe", "other", "no source"} and {"attention", "moe"} <= set(comps)
+    # 4 x 2*256^3 FLOPs against 7 x 2*64^3: the first scope takes the bulk of the op time
+    assert comps["attention"] > comps["moe"]
+    assert abs(sum(comps.values()) - prof["op_ms_per_run"]) < 1e-9
+    # an op of the loop body runs once per iteration: 7 per run; the rest once
+    body = [op for op in prof["ops"] if "/while/body/" in op.op.op_name]
+    assert body and all(op.count_per_run == 7 for op in body)
+    assert all(op.count_per_run == 1 for op in prof["ops"] if "while" not in op.op.op_name)
+    # the loop's own event spans its body's: counted by self time, the loop keeps less than its body's ops
+    loop = [op for op in prof["ops"] if op.op.opcode == "while"]
+    assert len(loop) == 1 and 0 <= loop[0].ms_per_run < sum(op.ms_per_run for op in body)
+
+
+def test_backward_is_its_own_component_and_lumped_programs(tmp_path):
+    w = jax.random.normal(jax.random.key(0), (128, 128)) / 12
+    x = jax.random.normal(jax.random.key(1), (128, 128))
+
+    def loss(w, x):
+        with jax.named_scope("attention"):
+            return jnp.sum(jnp.tanh(jnp.tanh(x @ w) @ w))
+
+    grad = jax.jit(jax.grad(loss)).lower(w, x).compile()
+    update = jax.jit(lambda w, g: w - 0.1 * g).lower(w, w).compile()
+
+    def step():
+        return update(w, grad(w, x))
+
+    step().block_until_ready()
+    prof = profile_runs(step, [(grad.as_text(), None), (update.as_text(), "optimizer update")], str(tmp_path), runs=2)
+    assert "attention (backward)" in prof["components"] and "attention" in prof["components"]
+    assert "optimizer update" in prof["components"]
+    assert {op.module for op in prof["ops"]} == {hlo_ops(grad.as_text())[0], hlo_ops(update.as_text())[0]}
+    png = plot_profiles({"step": prof}, str(tmp_path / "p.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
