@@ -103,10 +103,17 @@ def test_decode_equals_full_forward_second_layout():
     ids = np.asarray(jax.random.randint(jax.random.key(4), (3, 40), 0, ALT.vocab_size))
     ref = np.asarray(jax.jit(lambda p, i: dm.forward(p, ALT, i, mtp=False).logits)(params, jnp.asarray(ids)))
     _decode_matches_forward(params, ALT, ids, ref, lengths, 17, 40 - 17, 40)
-    # the per-layer layout generate decodes over: prefill and steps run unrolled over unstacked weights
+    # the per-layer layout generate decodes over: prefill and steps run unrolled over unstacked weights, the
+    # routed experts one array each (CPU, few experts: the MoE switches between them), or kept stacked
     per_layer = unstack_layers(main_params(params), ALT)
     assert "segments" not in per_layer and len(per_layer["layers"]) == ALT.num_layers
+    experts = per_layer["layers"][1]["moe"]["experts"]
+    assert len(experts["w_down"]) == ALT.num_experts
+    np.testing.assert_array_equal(experts["w_down"][2], params["segments"][-1][-1]["moe"]["experts"]["w_down"][-1, 2])
     _decode_matches_forward(per_layer, ALT, ids, ref, lengths, 17, 40 - 17, 40)
+    stacked_experts = unstack_layers(main_params(params), ALT, split_experts=False)
+    assert stacked_experts["layers"][1]["moe"]["experts"]["w_down"].shape[0] == ALT.num_experts
+    _decode_matches_forward(stacked_experts, ALT, ids, ref, lengths, 17, 40 - 17, 40)
 
 
 def test_init_cache_matches_prefill_layout(tiny_params):
@@ -126,7 +133,8 @@ def test_init_cache_matches_prefill_layout(tiny_params):
 
 
 def test_gather_experts_equal_dense():
-    """The decode-time MoE strategy (each token's experts gathered) against the reference strategy."""
+    """The decode-time MoE strategy (each token's experts gathered) against the reference strategy, over
+    stacked and over per-expert weights."""
     from deepmoe.moe_dispatch.gather import run as run_gather
     from deepmoe.moe_dispatch.dense import run as run_dense
 
@@ -139,9 +147,13 @@ def test_gather_experts_equal_dense():
     x = jax.random.normal(keys[3], (3, 2, d))
     ids = jnp.argsort(jax.random.uniform(keys[4], (3, 2, e)), axis=-1)[..., :cfg.experts_per_token]
     weights = jax.random.uniform(keys[4], ids.shape)
+    ref = np.asarray(jax.jit(run_dense, static_argnums=1)(params, cfg, x, ids, weights))
     np.testing.assert_allclose(np.asarray(jax.jit(run_gather, static_argnums=1)(params, cfg, x, ids, weights)),
-                               np.asarray(jax.jit(run_dense, static_argnums=1)(params, cfg, x, ids, weights)),
-                               atol=1e-5, rtol=1e-5)
+                               ref, atol=1e-5, rtol=1e-5)
+    # per-expert arrays (params.unstack_layers on CPU): each chosen expert picked by lax.switch
+    per_expert = {name: tuple(w) for name, w in params.items()}
+    np.testing.assert_allclose(np.asarray(jax.jit(run_gather, static_argnums=1)(per_expert, cfg, x, ids, weights)),
+                               ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

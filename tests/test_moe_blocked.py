@@ -1,5 +1,6 @@
 """The blocked MoE (CPU default) equals the dense reference in values and in every gradient, whatever the
-routing: balanced, one expert taking every copy (the most padding), experts left empty, blocks that straddle."""
+routing: balanced, one expert taking every copy (the most padding), experts left empty, blocks that straddle;
+over per-expert weight arrays (the inference layout) too, and every strategy accepts those."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 import deepmoe as dm
-from deepmoe.moe_dispatch import blocked, dense
+from deepmoe.moe_dispatch import blocked, dense, run_experts
 
 CFG = dm.preset("tiny").replace(compute_dtype="float32", num_experts=6, experts_per_token=2)
 
@@ -58,3 +59,23 @@ def test_blocks_past_the_used_count_are_not_multiplied():
     out = blocked.expert_ffn(10.0, x, jnp.ones((4, 2)), w_gate, w_gate, w_down, jnp.array([0, 1, 1, 1]), jnp.int32(2))
     silu_one = 1 / (1 + np.exp(-1.0))
     np.testing.assert_allclose(np.asarray(out[:, 0, 0]), [silu_one, 2 * silu_one, 0.0, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["balanced", "skewed"])
+def test_per_expert_arrays_match_dense(kind):
+    """params.unstack_layers holds the routed experts as one array each: blocked switches between them, gather
+    too, the other strategies stack them back; all give the dense reference over the stacks."""
+    rng = np.random.default_rng(7)
+    keys = jax.random.split(jax.random.key(3), 4)
+    d, i, e = CFG.hidden_size, CFG.expert_hidden_dim, CFG.num_experts
+    params = {"w_gate": jax.random.normal(keys[0], (e, d, i)) * 0.3,
+              "w_up": jax.random.normal(keys[1], (e, d, i)) * 0.3,
+              "w_down": jax.random.normal(keys[2], (e, i, d)) * 0.3}
+    per_expert = {name: tuple(w) for name, w in params.items()}
+    x = jax.random.normal(keys[3], (2, 37, d))
+    expert_ids = jnp.asarray(_routing(kind, 2, 37, rng), jnp.int32)
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, expert_ids.shape), jnp.float32)
+    ref = np.asarray(jax.jit(dense.run, static_argnums=1)(params, CFG, x, expert_ids, weights))
+    for strategy in ("blocked", "gather", "sorted", "dense", "auto"):
+        got = jax.jit(lambda p, x, w: run_experts(strategy, p, CFG, x, expert_ids, w))(per_expert, x, weights)
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5, err_msg=strategy)

@@ -54,6 +54,12 @@ def router_stats(cfg: ModelConfig, routing: Routing) -> dict[str, jax.Array]:
     return {"expert_counts": counts, "mean_affinity": jnp.mean(normalised, axis=1)}
 
 
+def per_expert(experts: dict) -> bool:
+    """Whether routed-expert weights are tuples of per-expert arrays (the inference layout of
+    `params.unstack_layers`) rather than [E, ...] stacks."""
+    return isinstance(experts["w_gate"], (tuple, list))
+
+
 def moe(params: dict, cfg: ModelConfig, x: jax.Array, token_ids: jax.Array, strategy: str = "sorted"
         ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x [B, T, D] -> (y [B, T, D], router statistics)."""

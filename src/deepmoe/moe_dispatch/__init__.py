@@ -10,6 +10,10 @@ token's K expert matrices (cached decode steps with fewer token copies than expe
 (`lax.ragged_all_to_all`, GPU/TPU) split the routed experts over the `expert` axis; `dense` / `sorted` run
 per device on the local tokens. `auto` asks `backend.capabilities.select` for the platform's choice.
 Mesh-bound strategies also report `dropped_tokens` (token copies dropped for capacity) into the router stats.
+
+The routed experts' weights come as [E, ...] stacks or, in the inference layout of `params.unstack_layers`, as
+tuples of E per-expert arrays: `gather` and `blocked` then pick each expert with `lax.switch` (read in place,
+where slicing a stack copies on XLA:CPU); the other strategies stack them back (`stacked_experts`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
+from deepmoe.layers.moe import per_expert
 from deepmoe.moe_dispatch.blocked import run as run_blocked
 from deepmoe.moe_dispatch.dense import run as run_dense
 from deepmoe.moe_dispatch.gather import run as run_gather
@@ -25,6 +31,7 @@ from deepmoe.moe_dispatch.ep_all_to_all import MeshStrategy
 from deepmoe.moe_dispatch.sort_ragged import run as run_sorted
 
 STRATEGIES = {"dense": run_dense, "sorted": run_sorted, "blocked": run_blocked, "gather": run_gather}
+SPLIT_AWARE = ("blocked", "gather")  # take per-expert tuples as they are
 MESH_STRATEGIES = ("dense", "sorted", "blocked", "gather", "ep_all_to_all", "ep_ragged")
 NAMES = ("auto", *MESH_STRATEGIES)
 
@@ -90,7 +97,14 @@ def with_extras(strategy):
     return strategy, {}
 
 
+def stacked_experts(params: dict) -> dict:
+    """[E, ...] stacks from either layout (a copy for per-expert tuples)."""
+    return {name: jnp.stack(w) for name, w in params.items()} if per_expert(params) else params
+
+
 def run_experts(strategy, params, cfg, x, expert_ids, weights):
+    if isinstance(strategy, (_Recording, MeshStrategy)):
+        params = stacked_experts(params)
     if isinstance(strategy, _Recording):
         y, extras = strategy.strategy.run(params, cfg, x, expert_ids, weights, return_extras=True)
         strategy.extras.update(extras)
@@ -103,4 +117,6 @@ def run_experts(strategy, params, cfg, x, expert_ids, weights):
     if name not in STRATEGIES:
         raise ValueError(f"MoE strategy {name!r} runs on a mesh: pass mesh= to forward (dm.make_mesh(...)), or "
                          f"use one of {sorted(STRATEGIES)} on a single device")
+    if name not in SPLIT_AWARE:
+        params = stacked_experts(params)
     return STRATEGIES[name](params, cfg, x, expert_ids, weights)
