@@ -6,24 +6,24 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from deepmoe.profile import component, hlo_ops, plot_profiles, profile_runs
+from deepmoe.profile import _self_times, component, hlo_ops, plot_profiles, profile_runs
 
 
 def _scoped(w, x, n):
-    with jax.named_scope("attention"):  # ~all the FLOPs: a chain of 256^3 matmuls
+    with jax.named_scope("attention"):  # ~all the FLOPs: a chain of 512^3 matmuls
         for _ in range(4):
             x = jnp.tanh(x @ w)
     with jax.named_scope("moe"):  # n iterations of a small loop body
         def body(i, v):
             return jnp.sin(v @ w[:64, :64]) + i.astype(v.dtype)
-        y = jax.lax.fori_loop(0, n, body, x[:64, :64])
+        y = jax.lax.fori_loop(0, n, body, x[:64, :64] / 8)
     return x.sum() + y.sum()
 
 
 @pytest.fixture(scope="module")
 def scoped_program():
-    w = jax.random.normal(jax.random.key(0), (256, 256)) / 16
-    x = jax.random.normal(jax.random.key(1), (256, 256))
+    w = jax.random.normal(jax.random.key(0), (512, 512)) / 23
+    x = jax.random.normal(jax.random.key(1), (512, 512))
     n = jnp.int32(7)  # traced: the loop stays a while loop
     compiled = jax.jit(_scoped).lower(w, x, n).compile()
     compiled(w, x, n).block_until_ready()
@@ -46,16 +46,21 @@ def test_profile_attributes_time_and_counts_loop_iterations(scoped_program, tmp_
     prof = profile_runs(lambda: compiled(*args), [(compiled.as_text(), None)], str(tmp_path), runs=runs)
     comps = prof["components"]
     assert set(comps) <= {"attention", "moe", "other", "no source"} and {"attention", "moe"} <= set(comps)
-    # 4 x 2*256^3 FLOPs against 7 x 2*64^3: the first scope takes the bulk of the op time
+    # 4 x 2*512^3 FLOPs against 7 x 2*64^3 (~150x): the first scope takes the bulk of the op time
     assert comps["attention"] > comps["moe"]
     assert abs(sum(comps.values()) - prof["op_ms_per_run"]) < 1e-9
     # an op of the loop body runs once per iteration: 7 per run; the rest once
     body = [op for op in prof["ops"] if "/while/body/" in op.op.op_name]
     assert body and all(op.count_per_run == 7 for op in body)
     assert all(op.count_per_run == 1 for op in prof["ops"] if "while" not in op.op.op_name)
-    # the loop's own event spans its body's: counted by self time, the loop keeps less than its body's ops
-    loop = [op for op in prof["ops"] if op.op.opcode == "while"]
-    assert len(loop) == 1 and 0 <= loop[0].ms_per_run < sum(op.ms_per_run for op in body)
+    loop = [op for op in prof["ops"] if op.op.opcode == "while"]  # kept with its self time (see below)
+    assert len(loop) == 1 and loop[0].count_per_run == 1 and loop[0].ms_per_run >= 0
+
+
+def test_self_times_subtract_directly_nested_events():
+    """A loop event [0, 100) holding ops [10, 30) and [40, 70), which holds [45, 50); then a lone op."""
+    events = [(40, 30, "b"), (0, 100, "while"), (200, 5, "c"), (10, 20, "a"), (45, 5, "b.inner")]
+    assert dict(_self_times(events)) == {"while": 50e-6, "a": 20e-6, "b": 25e-6, "b.inner": 5e-6, "c": 5e-6}
 
 
 def test_backward_is_its_own_component_and_lumped_programs(tmp_path):
