@@ -54,6 +54,9 @@ def router_stats(cfg: ModelConfig, routing: Routing) -> dict[str, jax.Array]:
     return {"expert_counts": counts, "mean_affinity": jnp.mean(normalised, axis=1)}
 
 
+EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")  # the routed experts' matrices, [E, ...] each
+
+
 def per_expert(experts: dict) -> bool:
     """Whether routed-expert weights are tuples of per-expert arrays (the inference layout of
     `params.unstack_layers`) rather than [E, ...] stacks."""

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from deepmoe.layers.moe import clamped_swiglu, per_expert
+from deepmoe.layers.moe import EXPERT_WEIGHTS, clamped_swiglu, per_expert
 from deepmoe.layers.precision import compute_dtype
 
 
@@ -54,13 +54,12 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     used = padded_end[-1] // block  # blocks holding copies; the rest of the static num_blocks stay zero
     row_weights = jnp.zeros((num_blocks * block,), jnp.float32).at[slot].set(weights.reshape(-1)[order])
     row_weights = row_weights.reshape(num_blocks, block)
-    names = ("w_gate", "w_up", "w_down")
     if per_expert(params):  # per-expert arrays (params.unstack_layers)
-        experts = [tuple(params[name][j].astype(dtype) for name in names) for j in range(e)]
+        experts = [tuple(params[name][j].astype(dtype) for name in EXPERT_WEIGHTS) for j in range(e)]
         out = expert_ffn_switched(cfg.swiglu_limit, padded, row_weights, experts, block_expert, used)
     else:
-        out = expert_ffn(cfg.swiglu_limit, padded, row_weights, *(params[name].astype(dtype) for name in names),
-                         block_expert, used)
+        stacks = (params[name].astype(dtype) for name in EXPERT_WEIGHTS)
+        out = expert_ffn(cfg.swiglu_limit, padded, row_weights, *stacks, block_expert, used)
     out = out.reshape(-1, d)
     out_sorted = out[slot].astype(jnp.float32)
     return out_sorted[jnp.argsort(order)].reshape(b, t, k, d).sum(axis=2)

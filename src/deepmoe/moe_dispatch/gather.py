@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from deepmoe.layers.moe import per_expert, swiglu
+from deepmoe.layers.moe import EXPERT_WEIGHTS, per_expert, swiglu
 from deepmoe.layers.precision import einsum
 
 
@@ -31,7 +31,7 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     # Per-expert arrays (params.unstack_layers): a lax.switch picks the expert and its branch reads the matrices
     # in place, where the slice out of a stack is a copy on XLA:CPU (small decode 81 -> 96 tok/s).
     split = per_expert(params)
-    branches = [functools.partial(_expert, cfg, *(params[name][e] for name in NAMES))
+    branches = [functools.partial(_expert, cfg, *(params[name][e] for name in EXPERT_WEIGHTS))
                 for e in range(len(params["w_gate"]))] if split else []
     for n in range(b * t):
         total = jnp.zeros((d,), jnp.float32)
@@ -39,13 +39,12 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
             if split:
                 total = total + jax.lax.switch(flat_ids[n, j], branches, rows[n], flat_weights[n, j])
             else:
-                chosen = (jax.lax.dynamic_index_in_dim(params[name], flat_ids[n, j], keepdims=False) for name in NAMES)
+                chosen = (jax.lax.dynamic_index_in_dim(params[name], flat_ids[n, j], keepdims=False)
+                          for name in EXPERT_WEIGHTS)
                 total = total + _expert(cfg, *chosen, rows[n], flat_weights[n, j])
         out.append(total)
     return jnp.stack(out).reshape(b, t, d)
 
-
-NAMES = ("w_gate", "w_up", "w_down")
 
 
 def _expert(cfg, w_gate, w_up, w_down, row, weight):

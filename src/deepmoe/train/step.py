@@ -353,10 +353,26 @@ def build_update_fn(cfg: ModelConfig, tcfg: TrainConfig):
     return update_state
 
 
-def build_step_fn(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None):
-    """The un-jitted step function (state, batch) -> (state, metrics): both halves in one function."""
-    gradients, update = build_gradient_fn(cfg, tcfg, mesh), build_update_fn(cfg, tcfg)
-    return lambda state, batch: update(state, *gradients(state.params, state.step, batch))
+class TrainStep:
+    """One optimizer step as two halves, `gradients` (forward + backward) and `update` (clipping, optimizer,
+    router bias, non-finite guard); make_train_step compiles them as two programs, the first with deepmoe's XLA
+    options, the second with XLA's defaults.
+
+    Why two: on CPU the model's small reductions (mHC's sums over 4 streams) need YNNPACK kept off reductions
+    (backend/xla_options.py), while the update's big ones need it on: with it off, XLA rewrites the global
+    gradient norm into reduce-windows and `small`'s AdamW update (norm included) took 381 ms instead of 208 ms.
+    Compile options apply per program, so each half gets its own."""
+
+    def __init__(self, gradients, update):
+        self.gradients, self.update = gradients, update
+
+    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        return self.update(state, *self.gradients(state.params, state.step, batch))
+
+
+def build_step_fn(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = None) -> TrainStep:
+    """The un-jitted step function (state, batch) -> (state, metrics): both halves, uncompiled."""
+    return TrainStep(build_gradient_fn(cfg, tcfg, mesh), build_update_fn(cfg, tcfg))
 
 
 def _step_key(tcfg: TrainConfig) -> TrainConfig:
@@ -371,22 +387,6 @@ def make_train_step(cfg: ModelConfig, tcfg: TrainConfig, mesh: Mesh | None = Non
     replicated; the result equals the single-device step. `donate=True` donates the old state's buffers.
     Cached: the same (cfg, tcfg, mesh, donate) returns the same TrainStep (one compilation)."""
     return _make_train_step(cfg, _step_key(tcfg), mesh, donate)
-
-
-class TrainStep:
-    """One optimizer step as two compiled programs: `gradients` (forward + backward, with deepmoe's XLA
-    options) and `update` (clipping, optimizer, router bias, non-finite guard, with XLA's default options).
-
-    Why two: on CPU the model's small reductions (mHC's sums over 4 streams) need YNNPACK kept off reductions
-    (backend/xla_options.py), while the update's big ones need it on: with it off, XLA rewrites the global
-    gradient norm into reduce-windows and `small`'s AdamW update (norm included) took 381 ms instead of 208 ms.
-    Compile options apply per program, so each half gets its own."""
-
-    def __init__(self, gradients, update):
-        self.gradients, self.update = gradients, update
-
-    def __call__(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        return self.update(state, *self.gradients(state.params, state.step, batch))
 
 
 @functools.lru_cache(maxsize=16)
