@@ -1,6 +1,11 @@
 """The blocked MoE (CPU default) equals the dense reference in values and in every gradient, whatever the
 routing: balanced, one expert taking every copy (the most padding), experts left empty, blocks that straddle;
-over per-expert weight arrays (the inference layout) too, and every strategy accepts those."""
+whatever the split between the batched lanes and the overflow loop (all copies in the loop, lanes so short
+that most copies overflow, the default); over per-expert weight arrays (the inference layout) too, and every
+strategy accepts those. The loop's static block count covers every possible routing (brute force)."""
+
+import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +27,10 @@ def _routing(kind: str, b: int, t: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(kind)
 
 
+@pytest.mark.parametrize("lanes", [0, 8, None])
 @pytest.mark.parametrize("kind", ["balanced", "skewed"])
 @pytest.mark.parametrize("b, t", [(1, 5), (2, 37)])
-def test_values_and_gradients_match_dense(kind, b, t):
+def test_values_and_gradients_match_dense(kind, b, t, lanes):
     rng = np.random.default_rng(b * 100 + t)
     keys = jax.random.split(jax.random.key(t), 4)
     d, i, e = CFG.hidden_size, CFG.expert_hidden_dim, CFG.num_experts
@@ -35,18 +41,43 @@ def test_values_and_gradients_match_dense(kind, b, t):
     expert_ids = jnp.asarray(_routing(kind, b, t, rng), jnp.int32)
     weights = jnp.asarray(rng.uniform(0.1, 1.0, expert_ids.shape), jnp.float32)
 
-    def run(strategy):
-        fn = lambda p, x, w: strategy.run(p, CFG, x, expert_ids, w)
+    def run(strategy, **options):
+        fn = lambda p, x, w: strategy.run(p, CFG, x, expert_ids, w, **options)
         out, vjp = jax.vjp(jax.jit(fn), params, x, weights)
         return out, vjp(jnp.asarray(rng_out, jnp.float32))
 
     rng_out = np.random.default_rng(0).normal(size=(b, t, d))
-    (ref, ref_grads), (got, got_grads) = run(dense), run(blocked)
+    (ref, ref_grads), (got, got_grads) = run(dense), run(blocked, lanes=lanes)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
     for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-4)
     if kind == "skewed":  # unchosen experts get exactly zero gradient
         assert not np.asarray(got_grads[0]["w_up"][3:]).any()
+
+
+@functools.cache
+def _most_blocks(copies: int, experts: int, lane: int, block: int) -> int:
+    """max over group sizes n_1..n_E >= 0 summing to `copies` of sum_e ceil(max(n_e - lane, 0) / block)."""
+    if experts == 0:
+        return 0 if copies == 0 else -1  # -1: copies left over, not a valid split
+    best = -1
+    for n in range(copies + 1):
+        rest = _most_blocks(copies - n, experts - 1, lane, block)
+        if rest >= 0:
+            best = max(best, rest + -(-max(n - lane, 0) // block))
+    return best
+
+
+def test_static_block_count_covers_every_routing():
+    for copies, experts, lane, block in itertools.product([1, 7, 16, 33, 40], [1, 3, 6], [0, 8, 24], [8, 16]):
+        bound = blocked.num_blocks(copies, experts, lane, block)
+        assert bound >= _most_blocks(copies, experts, lane, block), (copies, experts, lane, block)
+
+
+def test_lanes_hold_an_average_share_and_a_quarter():
+    for copies, experts in [(1024, 16), (1024, 8), (64, 16), (5, 6)]:
+        lane = blocked.lane_rows(copies, experts)
+        assert lane % 8 == 0 and lane >= 1.25 * copies / experts > lane - 8
 
 
 def test_blocks_past_the_used_count_are_not_multiplied():

@@ -3,9 +3,10 @@
     run(experts_params, cfg, x [B,T,D], expert_ids [B,T,K], weights [B,T,K]) -> [B,T,D] float32
 
 `dense` evaluates every expert on every token (the reference); `sorted` groups token copies by expert and runs
-`jax.lax.ragged_dot` (dropless; the default on GPU/TPU); `blocked` pads each expert's group to whole blocks and
-loops over them (dropless; the default on CPU, where ragged_dot costs E times the work); `gather` reads each
-token's K expert matrices (cached decode steps with fewer token copies than experts pick it). On a mesh (`forward(..., mesh=)`) a strategy is bound to it
+`jax.lax.ragged_dot` (dropless; the default on GPU/TPU); `blocked` runs each expert's first copies as batched
+matmuls over fixed-size lanes and loops over whole blocks of the rest (dropless; the default on CPU, where
+ragged_dot costs E times the work); `gather` reads each token's K expert matrices (cached decode steps with
+fewer token copies than experts pick it). On a mesh (`forward(..., mesh=)`) a strategy is bound to it
 (`bind` -> `MeshStrategy`): `ep_all_to_all` (fixed-capacity `lax.all_to_all`, any backend) and `ep_ragged`
 (`lax.ragged_all_to_all`, GPU/TPU) split the routed experts over the `expert` axis; `dense` / `sorted` run
 per device on the local tokens. `auto` asks `backend.capabilities.select` for the platform's choice.
