@@ -110,3 +110,21 @@ def test_per_expert_arrays_match_dense(kind):
     for strategy in ("blocked", "gather", "sorted", "dense", "auto"):
         got = jax.jit(lambda p, x, w: run_experts(strategy, p, CFG, x, expert_ids, w))(per_expert, x, weights)
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5, err_msg=strategy)
+
+
+@pytest.mark.parametrize("lanes", [0, 8, None])
+def test_bfloat16_compute_stays_near_the_float32_reference(lanes):
+    """bf16 matmuls with fp32 accumulation in the lanes and in the loop: within bf16 rounding of fp32 dense."""
+    rng = np.random.default_rng(11)
+    keys = jax.random.split(jax.random.key(5), 4)
+    d, i, e = CFG.hidden_size, CFG.expert_hidden_dim, CFG.num_experts
+    params = {"w_gate": jax.random.normal(keys[0], (e, d, i)) * 0.1,
+              "w_up": jax.random.normal(keys[1], (e, d, i)) * 0.1,
+              "w_down": jax.random.normal(keys[2], (e, i, d)) * 0.1}
+    x = jax.random.normal(keys[3], (2, 37, d))
+    expert_ids = jnp.asarray(_routing("balanced", 2, 37, rng), jnp.int32)
+    weights = jnp.asarray(rng.uniform(0.1, 1.0, expert_ids.shape), jnp.float32)
+    ref = np.asarray(dense.run(params, CFG, x, expert_ids, weights))
+    got = blocked.run(params, CFG.replace(compute_dtype="bfloat16"), x, expert_ids, weights, lanes=lanes)
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=0.05, atol=0.05 * np.abs(ref).max())
