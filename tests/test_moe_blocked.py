@@ -27,17 +27,22 @@ def _routing(kind: str, b: int, t: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(kind)
 
 
+def _experts_and_input(seed: int, b: int, t: int, scale: float) -> tuple[dict, jax.Array]:
+    """Random routed-expert stacks (entries ~ N(0, scale^2)) and an input x [b, t, D]."""
+    keys = jax.random.split(jax.random.key(seed), 4)
+    d, i, e = CFG.hidden_size, CFG.expert_hidden_dim, CFG.num_experts
+    params = {"w_gate": jax.random.normal(keys[0], (e, d, i)) * scale,
+              "w_up": jax.random.normal(keys[1], (e, d, i)) * scale,
+              "w_down": jax.random.normal(keys[2], (e, i, d)) * scale}
+    return params, jax.random.normal(keys[3], (b, t, d))
+
+
 @pytest.mark.parametrize("lanes", [0, 8, None])
 @pytest.mark.parametrize("kind", ["balanced", "skewed"])
 @pytest.mark.parametrize("b, t", [(1, 5), (2, 37)])
 def test_values_and_gradients_match_dense(kind, b, t, lanes):
     rng = np.random.default_rng(b * 100 + t)
-    keys = jax.random.split(jax.random.key(t), 4)
-    d, i, e = CFG.hidden_size, CFG.expert_hidden_dim, CFG.num_experts
-    params = {"w_gate": jax.random.normal(keys[0], (e, d, i)) * 0.3,
-              "w_up": jax.random.normal(keys[1], (e, d, i)) * 0.3,
-              "w_down": jax.random.normal(keys[2], (e, i, d)) * 0.3}
-    x = jax.random.normal(keys[3], (b, t, d))
+    params, x = _experts_and_input(t, b, t, 0.3)
     expert_ids = jnp.asarray(_routing(kind, b, t, rng), jnp.int32)
     weights = jnp.asarray(rng.uniform(0.1, 1.0, expert_ids.shape), jnp.float32)
 
@@ -46,7 +51,7 @@ def test_values_and_gradients_match_dense(kind, b, t, lanes):
         out, vjp = jax.vjp(jax.jit(fn), params, x, weights)
         return out, vjp(jnp.asarray(rng_out, jnp.float32))
 
-    rng_out = np.random.default_rng(0).normal(size=(b, t, d))
+    rng_out = np.random.default_rng(0).normal(size=x.shape)
     (ref, ref_grads), (got, got_grads) = run(dense), run(blocked, lanes=lanes)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
     for g, r in zip(jax.tree.leaves(got_grads), jax.tree.leaves(ref_grads)):
@@ -97,13 +102,8 @@ def test_per_expert_arrays_match_dense(kind):
     """params.unstack_layers holds the routed experts as one array each: blocked switches between them, gather
     too, the other strategies stack them back; all give the dense reference over the stacks."""
     rng = np.random.default_rng(7)
-    keys = jax.random.split(jax.random.key(3), 4)
-    d, i, e = CFG.hidden_size, CFG.expert_hidden_dim, CFG.num_experts
-    params = {"w_gate": jax.random.normal(keys[0], (e, d, i)) * 0.3,
-              "w_up": jax.random.normal(keys[1], (e, d, i)) * 0.3,
-              "w_down": jax.random.normal(keys[2], (e, i, d)) * 0.3}
+    params, x = _experts_and_input(3, 2, 37, 0.3)
     per_expert = {name: tuple(w) for name, w in params.items()}
-    x = jax.random.normal(keys[3], (2, 37, d))
     expert_ids = jnp.asarray(_routing(kind, 2, 37, rng), jnp.int32)
     weights = jnp.asarray(rng.uniform(0.1, 1.0, expert_ids.shape), jnp.float32)
     ref = np.asarray(jax.jit(dense.run, static_argnums=1)(params, CFG, x, expert_ids, weights))
@@ -116,12 +116,7 @@ def test_per_expert_arrays_match_dense(kind):
 def test_bfloat16_compute_stays_near_the_float32_reference(lanes):
     """bf16 matmuls with fp32 accumulation in the lanes and in the loop: within bf16 rounding of fp32 dense."""
     rng = np.random.default_rng(11)
-    keys = jax.random.split(jax.random.key(5), 4)
-    d, i, e = CFG.hidden_size, CFG.expert_hidden_dim, CFG.num_experts
-    params = {"w_gate": jax.random.normal(keys[0], (e, d, i)) * 0.1,
-              "w_up": jax.random.normal(keys[1], (e, d, i)) * 0.1,
-              "w_down": jax.random.normal(keys[2], (e, i, d)) * 0.1}
-    x = jax.random.normal(keys[3], (2, 37, d))
+    params, x = _experts_and_input(5, 2, 37, 0.1)
     expert_ids = jnp.asarray(_routing("balanced", 2, 37, rng), jnp.int32)
     weights = jnp.asarray(rng.uniform(0.1, 1.0, expert_ids.shape), jnp.float32)
     ref = np.asarray(dense.run(params, CFG, x, expert_ids, weights))
