@@ -86,7 +86,9 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     slot = jnp.where(in_loop, (padded_end - padded_sizes)[sorted_experts] + rank - lane, blocks * block)
     block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(blocks) * block, side="right"), e - 1)
     used = padded_end[-1] // block  # blocks holding copies; the rest of the static count stay zero
-    scatter = lambda values, n: jnp.zeros((n, *values.shape[1:]), values.dtype).at[slot].set(values, mode="drop")
+    # with lanes, their copies' slots point past the end and are dropped; without, every slot is distinct
+    scatter = lambda values, n: jnp.zeros((n, *values.shape[1:]), values.dtype).at[slot].set(
+        values, mode="drop", unique_indices=not lane)
     padded = scatter(rows, blocks * block).reshape(blocks, block, d)
     padded_weights = scatter(row_weights, blocks * block).reshape(blocks, block)
     if split:
