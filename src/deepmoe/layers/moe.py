@@ -63,6 +63,11 @@ def per_expert(experts: dict) -> bool:
     return isinstance(experts["w_gate"], (tuple, list))
 
 
+def expert_matrices(experts: dict) -> list[tuple]:
+    """Per-expert layout -> [(w_gate, w_up, w_down) of expert 0, of expert 1, ...]."""
+    return list(zip(*(experts[name] for name in EXPERT_WEIGHTS)))
+
+
 def moe(params: dict, cfg: ModelConfig, x: jax.Array, token_ids: jax.Array, strategy: str = "sorted"
         ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """x [B, T, D] -> (y [B, T, D], router statistics)."""

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from deepmoe.layers.moe import EXPERT_WEIGHTS, clamped_swiglu, per_expert
+from deepmoe.layers.moe import EXPERT_WEIGHTS, clamped_swiglu, expert_matrices, per_expert
 from deepmoe.layers.precision import compute_dtype
 
 
@@ -87,12 +87,10 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(blocks) * block, side="right"), e - 1)
     used = padded_end[-1] // block  # blocks holding copies; the rest of the static count stay zero
     # with lanes, their copies' slots point past the end and are dropped; without, every slot is distinct
-    scatter = lambda values, n: jnp.zeros((n, *values.shape[1:]), values.dtype).at[slot].set(
-        values, mode="drop", unique_indices=not lane)
-    padded = scatter(rows, blocks * block).reshape(blocks, block, d)
-    padded_weights = scatter(row_weights, blocks * block).reshape(blocks, block)
+    padded = _place(rows, slot, (blocks, block), unique=not lane)
+    padded_weights = _place(row_weights, slot, (blocks, block), unique=not lane)
     if split:
-        experts = [tuple(params[name][j].astype(dtype) for name in EXPERT_WEIGHTS) for j in range(e)]
+        experts = [tuple(w.astype(dtype) for w in matrices) for matrices in expert_matrices(params)]
         out = expert_ffn_switched(cfg.swiglu_limit, padded, padded_weights, experts, block_expert, used)
     else:
         stacks = [params[name].astype(dtype) for name in EXPERT_WEIGHTS]
@@ -101,12 +99,19 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
 
     if lane:
         lane_slot = jnp.where(in_loop, e * lane, sorted_experts * lane + rank)
-        place = lambda values: jnp.zeros((e * lane, *values.shape[1:]), values.dtype).at[lane_slot].set(
-            values, mode="drop").reshape(e, lane, *values.shape[1:])
-        lane_out = lanes_ffn(cfg.swiglu_limit, place(rows), place(row_weights), *stacks).reshape(e * lane, d)
+        lane_out = lanes_ffn(cfg.swiglu_limit, _place(rows, lane_slot, (e, lane)),
+                             _place(row_weights, lane_slot, (e, lane)), *stacks).reshape(e * lane, d)
         out_sorted = jnp.where(in_loop[:, None], out_sorted,
                                lane_out[jnp.minimum(lane_slot, e * lane - 1)].astype(jnp.float32))
     return out_sorted[jnp.argsort(order)].reshape(b, t, k, d).sum(axis=2)
+
+
+def _place(values: jax.Array, index: jax.Array, shape: tuple[int, int], unique: bool = False) -> jax.Array:
+    """Rows values[i] written to row index[i] of a zero [prod(shape), ...] buffer reshaped to [*shape, ...];
+    indices past its end are dropped."""
+    size = shape[0] * shape[1]
+    buffer = jnp.zeros((size, *values.shape[1:]), values.dtype)
+    return buffer.at[index].set(values, mode="drop", unique_indices=unique).reshape(*shape, *values.shape[1:])
 
 
 def lanes_ffn(limit: float, x: jax.Array, row_weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,

@@ -27,10 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from deepmoe.layers.moe import swiglu
+from deepmoe.layers.moe import EXPERT_WEIGHTS, swiglu
 from deepmoe.layers.precision import compute_dtype, matmul_precision
-
-EXPERT_WEIGHTS = ("w_gate", "w_up", "w_down")
 
 
 @dataclasses.dataclass(frozen=True)
