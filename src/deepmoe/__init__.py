@@ -20,6 +20,7 @@ _EXPORTS = {
     "init_params": "deepmoe.params",
     "param_specs": "deepmoe.params",
     "unstack_layers": "deepmoe.params",
+    "stack_layers": "deepmoe.params",
     "load_pretrained": "deepmoe.io.pretrained",
     "generate": "deepmoe.infer.generate",
     "save_pretrained": "deepmoe.io.pretrained",

@@ -43,7 +43,7 @@ from deepmoe.layers.moe import moe
 from deepmoe.layers.norms import rms_norm
 from deepmoe.layers.precision import compute_dtype, einsum_f32
 from deepmoe.model import logits_from_hidden
-from deepmoe.params import layer_segments
+from deepmoe.params import layer_params as all_layer_params, layer_segments
 
 RESIDUALS = ("mhc", "hc", "plain")
 
@@ -180,13 +180,10 @@ def layer_grad_norms(grads: dict, cfg: ModelConfig) -> jax.Array:
 
 
 def layer_params(params: dict, cfg: ModelConfig, layer: int) -> dict:
-    """The parameters of decoder layer `layer`, unstacked from its segment."""
-    for segment, seg_params in zip(layer_segments(cfg), params["segments"]):
-        for r in range(segment.repeats):
-            for p in range(len(segment.kinds)):
-                if segment.layer_index(r, p) == layer:
-                    return jax.tree.map(lambda a, r=r: a[r], seg_params[p])
-    raise IndexError(f"layer {layer} out of range (num_layers={cfg.num_layers})")
+    """The parameters of decoder layer `layer` (from either layout: stacked or per-layer)."""
+    if not 0 <= layer < cfg.num_layers:
+        raise IndexError(f"layer {layer} out of range (num_layers={cfg.num_layers})")
+    return all_layer_params(params, cfg)[layer][1]
 
 
 def attention_cost(attn_params: dict, cfg: ModelConfig, layer_type: str, seq_len: int, *, batch: int = 1,
@@ -322,7 +319,7 @@ def init_residual_state(cfg: ModelConfig, tcfg, key: jax.Array) -> tuple[dict, A
     """(fp32 params, optimizer state) for `make_residual_step` (same initialisation as deepmoe.train)."""
     from deepmoe.train.step import init_state
 
-    state = init_state(cfg, tcfg, key)
+    state = init_state(cfg, tcfg.replace(scan_layers=True), key)  # residual_forward scans the stacked layout
     return state.params, state.opt_state
 
 

@@ -1,4 +1,5 @@
-"""The whole model: embed -> mHC streams -> decoder blocks (scanned per segment) -> HC head -> logits; MTP."""
+"""The whole model: embed -> mHC streams -> decoder blocks (scanned per segment over stacked parameters, or
+unrolled over per-layer ones) -> HC head -> logits; MTP."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from deepmoe.layers.hyper import hc_head
 from deepmoe.layers.mtp import mtp_hidden
 from deepmoe.layers.norms import rms_norm
 from deepmoe.layers.precision import compute_dtype, einsum_f32
-from deepmoe.params import layer_segments
+from deepmoe.params import layer_params, layer_segments
 
 REMAT_POLICIES = {
     "none": None,
@@ -63,8 +64,6 @@ def _run_segments(params: dict, cfg: ModelConfig, streams, token_ids, positions,
                 outs.append(stats)
             return carry, outs
 
-        if REMAT_POLICIES.get(remat, "missing") == "missing":
-            raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
         streams, outs = jax.lax.scan(body, streams, seg_params)
@@ -74,6 +73,23 @@ def _run_segments(params: dict, cfg: ModelConfig, streams, token_ids, positions,
     stats_per_layer.sort(key=lambda item: item[0])
     aux = jax.tree.map(lambda *xs: jnp.stack(xs), *[s for _, s in stats_per_layer])
     return streams, aux
+
+
+def _run_layers(params: dict, cfg: ModelConfig, streams, token_ids, positions, segment_ids, moe_strategy, remat):
+    """The per-layer layout (`params.unstack_layers`, the train step's unless TrainConfig.scan_layers): the
+    layers one after another, unrolled, each reading its own arrays. Over the stacks the scan copies every
+    layer's weights out of them, and in the gradient also the saved activations and the weight gradients
+    back in (`small` gradient -15 %); the price is one compiled body per layer instead of per pattern."""
+    def run_block(carry, layer_params, attn_type):
+        return block(layer_params, cfg, attn_type, carry, token_ids, positions, segment_ids, moe_strategy)
+
+    if remat != "none":
+        run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[remat], static_argnums=(2,))
+    stats = []
+    for (attn_type, _), layer_params_ in layer_params(params, cfg):
+        streams, layer_stats = run_block(streams, layer_params_, attn_type)
+        stats.append(layer_stats)
+    return streams, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
 
 
 def logits_from_hidden(params: dict, hidden: jax.Array) -> jax.Array:
@@ -87,6 +103,9 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, segment_ids
     """Full-sequence forward. input_ids [B, T] int; segment_ids [B, T] marks packed documents (attention and
     compression never cross them); positions default to the index inside each document.
 
+    params: stacked (`init_params`: layers scanned per segment) or per-layer (`params.unstack_layers`: layers
+    unrolled; what the train step trains unless TrainConfig.scan_layers). Both give the same result.
+
     moe_strategy: a name in moe_dispatch.NAMES or a moe_dispatch.MoEStrategy; "auto" = "sorted" without a mesh.
     mesh / rules: run sharded (params placed by sharding.shard_params): activations constrained at block
     boundaries, FSDP parameters gathered per layer, the MoE strategy bound to the mesh.
@@ -94,8 +113,15 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, segment_ids
     if kernels is not None:
         cfg = cfg.replace(kernels=kernels)
     _check_inputs(cfg, input_ids)
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+    per_layer = "layers" in params
     sharding = None
     if mesh is not None:
+        if per_layer:
+            raise ValueError("the sharded forward runs over the stacked parameter layout (`segments`, whose "
+                             "leading `layers` axis the sharding rules place); convert with "
+                             "deepmoe.params.stack_layers(params, cfg)")
         from deepmoe.sharding import ForwardSharding
 
         sharding = ForwardSharding.create(cfg, mesh, rules, input_ids.shape[0])
@@ -109,8 +135,11 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, segment_ids
     streams = jnp.broadcast_to(h0[:, :, None, :], (*h0.shape[:2], cfg.residual_streams, h0.shape[-1]))
     if sharding is not None:
         streams = sharding.streams(streams)
-    streams, aux = _run_segments(params, cfg, streams, input_ids, positions, segment_ids, moe_strategy, remat,
-                                 sharding)
+    if per_layer:
+        streams, aux = _run_layers(params, cfg, streams, input_ids, positions, segment_ids, moe_strategy, remat)
+    else:
+        streams, aux = _run_segments(params, cfg, streams, input_ids, positions, segment_ids, moe_strategy, remat,
+                                     sharding)
     hidden = rms_norm(hc_head(params["hc_head"], cfg, streams), params["final_norm"], cfg.rms_norm_eps)
     logits = logits_from_hidden(params, hidden)
     if sharding is not None:

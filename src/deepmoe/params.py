@@ -5,7 +5,9 @@ rules and the checkpoint name maps all derive from it. Matrices are stored [in, 
 
 Decoder layers are grouped into *segments* (`layer_segments`): a segment is a pattern of consecutive layer
 kinds repeated `repeats` times; its parameters are stacked with a leading `layers` axis so the forward can
-`lax.scan` over the repeats. V4-Flash = 3 prefix layers + 20 x (HCA, CSA).
+`lax.scan` over the repeats. V4-Flash = 3 prefix layers + 20 x (HCA, CSA). The other layout, per-layer
+(`unstack_layers`, `layer_param_specs`; `stack_layers` goes back), holds one dict per layer in `layers`: cached
+decoding reads weights in place over it, and the train step trains over it unless told to scan.
 """
 
 from __future__ import annotations
@@ -204,6 +206,18 @@ def per_layer(stacked_segments: list, cfg: ModelConfig) -> list:
     return layers
 
 
+def layer_param_specs(cfg: ModelConfig) -> dict[str, Any]:
+    """`param_specs` in the per-layer layout of `unstack_layers`: `layers`, one spec tree per decoder layer
+    (no `layers` axis), in place of the stacked `segments`."""
+    rest = {k: v for k, v in param_specs(cfg).items() if k != "segments"}
+    return {**rest, "layers": [layer_specs(cfg, kind) for kind in zip(cfg.layer_types, cfg.moe_layer_types)]}
+
+
+def specs_like(params: dict, cfg: ModelConfig) -> dict[str, Any]:
+    """The spec tree matching `params`' layout: stacked `segments` or per-layer `layers`."""
+    return layer_param_specs(cfg) if "layers" in params else param_specs(cfg)
+
+
 def layer_params(params: dict, cfg: ModelConfig) -> list[tuple[LayerKind, dict]]:
     """Every decoder layer's (kind, parameters), in layer order, from either layout: the stacked `segments`
     or the per-layer `layers` of `unstack_layers`."""
@@ -216,34 +230,68 @@ SPLIT_EXPERTS_MAX = 64  # per-expert arrays up to this many experts (one lax.swi
 
 def unstack_layers(params: dict, cfg: ModelConfig, split_experts: bool | None = None) -> dict:
     """The per-layer layout: `segments` (stacked so the full-sequence forward can lax.scan over layers) replaced
-    by `layers`, one parameter dict per decoder layer; everything else shared. Cached decoding accepts both;
-    over this one it reads every weight where it lies, where over the stacks each token first copies every
-    layer's weights out of them (XLA slices by copying; `small`: 22.8 -> 15.7 ms of op time per decoded
-    token). Costs one copy of the decoder layers' parameters.
+    by `layers`, one parameter dict per decoder layer; everything else shared. `forward`, the train step
+    (TrainConfig.scan_layers) and cached decoding accept both. Over this one decoding reads every weight where
+    it lies, where over the stacks each token first copies every layer's weights out of them (XLA slices by
+    copying; `small`: 22.8 -> 15.7 ms of op time per decoded token). Costs one copy of the decoder layers'
+    parameters; per-layer params come back as they are (their experts split if asked and not yet split).
 
     split_experts: also hold each layer's routed experts as one array per expert (`experts[name]` a tuple of
     E arrays), so the MoE picks its expert with `lax.switch` and reads it in place instead of slicing it out of
     the [E, ...] stack (decode `small` +18 %, `mini` +24 %; see moe_dispatch). None = on the CPU backend with at most
     SPLIT_EXPERTS_MAX experts: each expert is a switch branch, compiled per chosen slot; XLA:GPU/TPU fold the
     slice into the matmul anyway."""
-    if "layers" in params:
-        return params
     if split_experts is None:
         split_experts = jax.default_backend() == "cpu" and cfg.num_experts <= SPLIT_EXPERTS_MAX
+    if "layers" in params:  # already per layer (e.g. trained so): only split the experts if asked and not yet
+        already = all(isinstance(w, tuple) for layer in params["layers"] for w in layer["moe"]["experts"].values())
+        if not split_experts or already:
+            return params
+        return {**params, "layers": _split_jitted(params["layers"])}
     rest = {k: v for k, v in params.items() if k != "segments"}
     return {**rest, "layers": _per_layer_jitted(params["segments"], cfg, split_experts)}
 
 
+def stack_layers(params: dict, cfg: ModelConfig) -> dict:
+    """The inverse of `unstack_layers`: per-layer `layers` (per-expert arrays joined again) -> the stacked
+    `segments` of `init_params`, the layout checkpoints, sharding and weight conversion use. Costs one copy of
+    the decoder layers' parameters; stacked params come back as they are."""
+    if "segments" in params:
+        return params
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    return {**rest, "segments": _stack_jitted(params["layers"], cfg)}
+
+
+def _stack_segments(layers: list, cfg: ModelConfig) -> list:
+    def joined(layer):  # per-expert arrays (split_experts) -> one [E, ...] stack
+        experts = {name: jnp.stack(w) if isinstance(w, tuple) else w
+                   for name, w in layer["moe"]["experts"].items()}
+        return {**layer, "moe": {**layer["moe"], "experts": experts}}
+
+    layers = [joined(layer) for layer in layers]
+    return [[jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[seg.layer_index(r, position)]
+                                                     for r in range(seg.repeats)])
+             for position in range(len(seg.kinds))]
+            for seg in layer_segments(cfg)]
+
+
+_stack_jitted = jax.jit(_stack_segments, static_argnums=1)
+
+
+def _split_experts(layers: list) -> list:
+    """Each layer's [E, ...] expert stacks -> tuples of E per-expert arrays."""
+    return [{**layer, "moe": {**layer["moe"], "experts": {name: tuple(w) for name, w in
+                                                         layer["moe"]["experts"].items()}}}
+            for layer in layers]
+
+
 def _per_layer_split(stacked_segments: list, cfg: ModelConfig, split_experts: bool) -> list:
     layers = per_layer(stacked_segments, cfg)
-    if split_experts:
-        for layer in layers:
-            experts = layer["moe"]["experts"]
-            layer["moe"] = {**layer["moe"], "experts": {name: tuple(w) for name, w in experts.items()}}
-    return layers
+    return _split_experts(layers) if split_experts else layers
 
 
 _per_layer_jitted = jax.jit(_per_layer_split, static_argnums=(1, 2))  # one program for every slice
+_split_jitted = jax.jit(_split_experts)
 
 
 def _dtype(spec: ParamSpec, cfg: ModelConfig):

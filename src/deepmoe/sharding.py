@@ -277,7 +277,11 @@ def place(x: Any, sharding: NamedSharding) -> jax.Array:
 
 def shard_params(params: Any, cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
     """Place every parameter by its logical axes. Raises ShardingError naming the parameter, dimension and
-    mesh axis when something does not divide."""
+    mesh axis when something does not divide. Per-layer params (`params.unstack_layers`, a per-layer train
+    state) are stacked first: the sharded forward scans the stacked layout."""
+    from deepmoe.params import stack_layers
+
+    params = stack_layers(params, cfg)
     specs = param_partition_specs(params, cfg, mesh, rules)
     return jax.tree.map(lambda x, s: place(x, NamedSharding(mesh, s)), params, specs)
 

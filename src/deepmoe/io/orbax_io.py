@@ -17,12 +17,14 @@ import jax.numpy as jnp
 
 from deepmoe.config import ModelConfig
 from deepmoe.io.safetensors_io import CheckpointError
-from deepmoe.params import abstract_params
+from deepmoe.params import abstract_params, stack_layers
 
 
 def save_orbax(path: str | os.PathLike, params: dict, cfg: ModelConfig) -> None:
+    """Write `params` (either layout; saved stacked, as `load_orbax` reads them) and the HF config.json."""
     import orbax.checkpoint as ocp
 
+    params = stack_layers(params, cfg)
     path = Path(path).absolute()
     if (path / "params").exists():
         raise CheckpointError(f"{path / 'params'} already exists; choose an empty output directory")

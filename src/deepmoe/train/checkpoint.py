@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from deepmoe.config import ModelConfig
-from deepmoe.train.step import TrainConfig, TrainState, init_state
+from deepmoe.train.step import TrainConfig, TrainState, init_state, layers_scanned
 
 FORMAT_VERSION = 1
 # Train-config fields that may differ on resume (they don't change the state's structure or meaning; remat,
@@ -128,7 +128,11 @@ def check_compatible(meta: dict, cfg: ModelConfig, tcfg: TrainConfig, where: str
     if diff:
         detail = ", ".join(f"{k}: saved {saved_model.get(k)!r} vs now {current.get(k)!r}" for k in diff[:6])
         raise CheckpointError(f"checkpoint {where} was trained with a different model config ({detail})")
-    saved_train, now = meta.get("train", {}), tcfg.to_dict()
+    saved_train, now = dict(meta.get("train", {})), tcfg.to_dict()
+    # What must match is the parameter layout, not how it was chosen; checkpoints written before the setting
+    # existed hold the stacked layout.
+    saved_train["scan_layers"] = layers_scanned(cfg, tcfg.replace(scan_layers=saved_train.get("scan_layers", True)))
+    now["scan_layers"] = layers_scanned(cfg, tcfg)
     diff = sorted(k for k in set(saved_train) | set(now)
                   if k not in RESUMABLE_CHANGES and _norm(saved_train.get(k)) != _norm(now.get(k)))
     if diff:

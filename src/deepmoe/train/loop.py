@@ -297,6 +297,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--kernels", choices=KERNELS, default=d.kernels,
                    help="attention core: reference (jnp), pallas (pallas_kernels; interpreted, so slow, where "
                         "there is no Pallas lowering, e.g. CPU), auto (Pallas on GPU); default: the preset's")
+    p.add_argument("--scan-layers", choices=("auto", "yes", "no"), default="auto",
+                   help="train over stacked layers scanned per segment (yes) or per-layer params, unrolled (no: "
+                        "faster steps, longer compile); auto: per-layer for models of at most 16 layers whose "
+                        "schedule repeats (deepmoe.train.step.layers_scanned)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--skip-nonfinite", action="store_true", help="skip (and count) non-finite steps")
     p.add_argument("--save-every", type=int, default=100)
@@ -320,7 +324,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig
                        mtp_weight=args.mtp_weight, mtp_weight_after_decay=args.mtp_weight_after_decay,
                        balance_weight=args.balance_weight, bias_update_speed=args.bias_speed,
                        z_loss_weight=args.z_loss, compute_dtype=args.compute_dtype, remat=args.remat,
-                       kernels=args.kernels, seed=args.seed, skip_nonfinite=args.skip_nonfinite)
+                       kernels=args.kernels, seed=args.seed, skip_nonfinite=args.skip_nonfinite,
+                       scan_layers={"auto": None, "yes": True, "no": False}[args.scan_layers])
     return cfg, tcfg
 
 

@@ -47,7 +47,7 @@ from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_muon, 
 from optax.transforms import MaskedNode
 
 from deepmoe.config import ModelConfig
-from deepmoe.params import is_spec, param_specs
+from deepmoe.params import is_spec, layer_param_specs, param_specs
 
 HYBRID_NS_COEFFS = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
 FROZEN_NAMES = {"tid2eid", "router_bias"}
@@ -59,13 +59,15 @@ def _name(path) -> str:
     return str(getattr(path[-1], "key", getattr(path[-1], "name", path[-1])))
 
 
-def _spec_leaves(cfg: ModelConfig):
-    return jax.tree_util.tree_flatten_with_path(param_specs(cfg), is_leaf=is_spec)
+def _spec_leaves(cfg: ModelConfig, per_layer: bool = False):
+    specs = layer_param_specs(cfg) if per_layer else param_specs(cfg)
+    return jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)
 
 
-def param_labels(cfg: ModelConfig, optimizer: str = "muon") -> Any:
-    """A tree like the params with "muon" | "adamw" | "frozen" per leaf."""
-    leaves, treedef = _spec_leaves(cfg)
+def param_labels(cfg: ModelConfig, optimizer: str = "muon", per_layer: bool = False) -> Any:
+    """A tree like the params with "muon" | "adamw" | "frozen" per leaf; per_layer: like params in the
+    per-layer layout (`params.unstack_layers`) instead of the stacked one."""
+    leaves, treedef = _spec_leaves(cfg, per_layer)
     labels = []
     for path, spec in leaves:
         name = _name(path)
@@ -95,8 +97,8 @@ def muon_dimension_numbers(path, spec) -> MuonDimensionNumbers:
     return MuonDimensionNumbers(reduction_axis=matrix[0], output_axis=matrix[1])
 
 
-def _muon_dims_tree(cfg: ModelConfig, labels) -> Any:
-    leaves, treedef = _spec_leaves(cfg)
+def _muon_dims_tree(cfg: ModelConfig, labels, per_layer: bool) -> Any:
+    leaves, treedef = _spec_leaves(cfg, per_layer)
     label_leaves = jax.tree.leaves(labels)
     dims = [muon_dimension_numbers(p, s) if lab == "muon" else MaskedNode()
             for (p, s), lab in zip(leaves, label_leaves)]
@@ -135,15 +137,17 @@ def decay_start_step(tcfg) -> int:
     return max(int(tcfg.warmup_steps), int(round(tcfg.decay_start * tcfg.steps)))
 
 
-def make_optimizer(cfg: ModelConfig, tcfg) -> optax.GradientTransformation:
-    """The update rule for the full parameter tree (clipping is done by the train step, which reports the norm)."""
-    labels = param_labels(cfg, tcfg.optimizer)
+def make_optimizer(cfg: ModelConfig, tcfg, per_layer: bool = False) -> optax.GradientTransformation:
+    """The update rule for the full parameter tree (clipping is done by the train step, which reports the norm),
+    stacked or, with per_layer, in the per-layer layout (the same update: Muon treats the stacked `layers`
+    axis as a batch axis)."""
+    labels = param_labels(cfg, tcfg.optimizer, per_layer)
     schedule = lr_schedule(tcfg)
     adamw = optax.adamw(schedule, b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps,
                         weight_decay=tcfg.weight_decay, mask=_decay_matrices)
     transforms = {"adamw": adamw, "frozen": optax.set_to_zero()}
     if tcfg.optimizer == "muon":
-        dims = _muon_dims_tree(cfg, labels)
+        dims = _muon_dims_tree(cfg, labels, per_layer)
         transforms["muon"] = optax.chain(
             scale_by_muon(ns_coeffs=HYBRID_NS_COEFFS, ns_steps=len(HYBRID_NS_COEFFS), beta=tcfg.muon_momentum,
                           nesterov=True, weight_dimension_numbers=dims),
