@@ -80,14 +80,14 @@ def _run_layers(params: dict, cfg: ModelConfig, streams, token_ids, positions, s
     layers one after another, unrolled, each reading its own arrays. Over the stacks the scan copies every
     layer's weights out of them, and in the gradient also the saved activations and the weight gradients
     back in (`small` gradient -15 %); the price is one compiled body per layer instead of per pattern."""
-    def run_block(carry, layer_params, attn_type):
-        return block(layer_params, cfg, attn_type, carry, token_ids, positions, segment_ids, moe_strategy)
+    def run_block(carry, weights, attn_type):
+        return block(weights, cfg, attn_type, carry, token_ids, positions, segment_ids, moe_strategy)
 
     if remat != "none":
         run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[remat], static_argnums=(2,))
     stats = []
-    for (attn_type, _), layer_params_ in layer_params(params, cfg):
-        streams, layer_stats = run_block(streams, layer_params_, attn_type)
+    for (attn_type, _), weights in layer_params(params, cfg):
+        streams, layer_stats = run_block(streams, weights, attn_type)
         stats.append(layer_stats)
     return streams, jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
 

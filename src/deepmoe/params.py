@@ -213,11 +213,6 @@ def layer_param_specs(cfg: ModelConfig) -> dict[str, Any]:
     return {**rest, "layers": [layer_specs(cfg, kind) for kind in zip(cfg.layer_types, cfg.moe_layer_types)]}
 
 
-def specs_like(params: dict, cfg: ModelConfig) -> dict[str, Any]:
-    """The spec tree matching `params`' layout: stacked `segments` or per-layer `layers`."""
-    return layer_param_specs(cfg) if "layers" in params else param_specs(cfg)
-
-
 def layer_params(params: dict, cfg: ModelConfig) -> list[tuple[LayerKind, dict]]:
     """Every decoder layer's (kind, parameters), in layer order, from either layout: the stacked `segments`
     or the per-layer `layers` of `unstack_layers`."""

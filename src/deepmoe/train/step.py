@@ -149,10 +149,9 @@ def layers_scanned(cfg: ModelConfig, tcfg: TrainConfig) -> bool:
 
 
 def training_layout(params: dict, cfg: ModelConfig, tcfg: TrainConfig) -> dict:
-    """`params` (either layout) in the layout the step trains (`layers_scanned`)."""
-    if layers_scanned(cfg, tcfg):
-        return stack_layers(params, cfg)
-    return unstack_layers(params, cfg, split_experts=False)
+    """`params` (either layout, experts split or not) in the layout the step trains (`layers_scanned`)."""
+    stacked = stack_layers(params, cfg)
+    return stacked if layers_scanned(cfg, tcfg) else unstack_layers(stacked, cfg, split_experts=False)
 
 
 def init_state(cfg: ModelConfig, tcfg: TrainConfig, key: jax.Array, params: Any = None) -> TrainState:
