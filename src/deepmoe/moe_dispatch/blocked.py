@@ -89,20 +89,21 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     # with lanes, their copies' slots point past the end and are dropped; without, every slot is distinct
     padded = _place(rows, slot, (blocks, block), unique=not lane)
     padded_weights = _place(row_weights, slot, (blocks, block), unique=not lane)
+    stacks = None if split else [params[name].astype(dtype) for name in EXPERT_WEIGHTS]
     if split:
         experts = [tuple(w.astype(dtype) for w in matrices) for matrices in expert_matrices(params)]
         out = expert_ffn_switched(cfg.swiglu_limit, padded, padded_weights, experts, block_expert, used)
-    else:
-        stacks = [params[name].astype(dtype) for name in EXPERT_WEIGHTS]
+    elif not lane:
         out = expert_ffn(cfg.swiglu_limit, padded, padded_weights, *stacks, block_expert, used)
-    out_sorted = out.reshape(-1, d)[jnp.minimum(slot, blocks * block - 1)].astype(jnp.float32)
-
-    if lane:
+    else:
         lane_slot = jnp.where(in_loop, e * lane, sorted_experts * lane + rank)
-        lane_out = lanes_ffn(cfg.swiglu_limit, _place(rows, lane_slot, (e, lane)),
-                             _place(row_weights, lane_slot, (e, lane)), *stacks).reshape(e * lane, d)
+        lane_out, out = lanes_and_loop_ffn(cfg.swiglu_limit, _place(rows, lane_slot, (e, lane)),
+                                           _place(row_weights, lane_slot, (e, lane)), padded, padded_weights,
+                                           *stacks, block_expert, used)
+    out_sorted = out.reshape(-1, d)[jnp.minimum(slot, blocks * block - 1)].astype(jnp.float32)
+    if lane:
         out_sorted = jnp.where(in_loop[:, None], out_sorted,
-                               lane_out[jnp.minimum(lane_slot, e * lane - 1)].astype(jnp.float32))
+                               lane_out.reshape(e * lane, d)[jnp.minimum(lane_slot, e * lane - 1)].astype(jnp.float32))
     return out_sorted[jnp.argsort(order)].reshape(b, t, k, d).sum(axis=2)
 
 
@@ -114,21 +115,29 @@ def _place(values: jax.Array, index: jax.Array, shape: tuple[int, int], unique: 
     return buffer.at[index].set(values, mode="drop", unique_indices=unique).reshape(*shape, *values.shape[1:])
 
 
-def lanes_ffn(limit: float, x: jax.Array, row_weights: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-              w_down: jax.Array) -> jax.Array:
-    """x [E, C, d] -> [E, C, d]: lane e through expert e, scaled per row by row_weights [E, C]."""
-    matmul = lambda spec, a, w: jnp.einsum(spec, a, w, preferred_element_type=jnp.float32).astype(a.dtype)
-    gate, up = matmul("ecd,edf->ecf", x, w_gate), matmul("ecd,edf->ecf", x, w_up)
-    hidden = (clamped_swiglu(limit, gate, up) * row_weights[..., None]).astype(x.dtype)
-    return matmul("ecf,efd->ecd", hidden, w_down)
-
-
 def _ffn_block(limit, x, row_weight, w_gate, w_up, w_down):
-    """One block of rows through its expert: (gate, up) pre-activations and the weighted output."""
-    gate = jnp.dot(x, w_gate, preferred_element_type=jnp.float32).astype(x.dtype)
-    up = jnp.dot(x, w_up, preferred_element_type=jnp.float32).astype(x.dtype)
-    hidden = (clamped_swiglu(limit, gate, up) * row_weight[:, None]).astype(x.dtype)
-    return gate, up, jnp.dot(hidden, w_down, preferred_element_type=jnp.float32).astype(x.dtype)
+    """Rows x [..., C, d] through the clamped-SwiGLU expert (one block with its expert's matrices, or the lanes
+    [E, C, d] with the [E, ...] stacks), scaled per row by row_weight [..., C]: (gate, up) pre-activations and
+    the weighted output."""
+    matmul = lambda spec, a, w: jnp.einsum(spec, a, w, preferred_element_type=jnp.float32).astype(a.dtype)
+    gate, up = matmul("...cd,...df->...cf", x, w_gate), matmul("...cd,...df->...cf", x, w_up)
+    hidden = (clamped_swiglu(limit, gate, up) * row_weight[..., None]).astype(x.dtype)
+    return gate, up, matmul("...cf,...fd->...cd", hidden, w_down)
+
+
+def _ffn_block_grads(limit, x, row_weight, gate, up, dy, w_gate, w_up, w_down):
+    """The backward of `_ffn_block` from its saved pre-activations: (dx, d row_weight, dW_gate, dW_up, dW_down),
+    the row-weight and matrix gradients in fp32."""
+    matmul = lambda spec, a, b: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+    weight = row_weight[..., None]
+    act, act_vjp = jax.vjp(lambda g, u: clamped_swiglu(limit, g, u), gate, up)
+    hidden = (act * weight).astype(x.dtype)
+    dhidden = matmul("...cd,...fd->...cf", dy, w_down)
+    dgate, dup = act_vjp(dhidden * weight)
+    dgate, dup = dgate.astype(x.dtype), dup.astype(x.dtype)
+    dx = matmul("...cf,...df->...cd", dgate, w_gate) + matmul("...cf,...df->...cd", dup, w_up)
+    return (dx.astype(x.dtype), jnp.sum(dhidden * act, axis=-1), matmul("...cd,...cf->...df", x, dgate),
+            matmul("...cd,...cf->...df", x, dup), matmul("...cf,...cd->...fd", hidden, dy))
 
 
 def _expert_ffn_fwd(limit, x, row_weights, w_gate, w_up, w_down, block_expert, used):
@@ -161,35 +170,68 @@ def expert_ffn(limit: float, x: jax.Array, row_weights: jax.Array, w_gate: jax.A
     return _expert_ffn_fwd(limit, x, row_weights, w_gate, w_up, w_down, block_expert, used)[0]
 
 
-def _expert_ffn_bwd(limit, residuals, dout):
+def _loop_grads(limit, residuals, dout, dw_init):
+    """The block loop's backward: (dx, d row_weights in fp32, (dW_gate, dW_up, dW_down) added onto dw_init)."""
     x, row_weights, w_gate, w_up, w_down, block_expert, used, gates, ups = residuals
 
     def body(i, carry):
-        dx, drow, dw_gate, dw_up, dw_down = carry
+        dx, drow, dws = carry
         e = block_expert[i]
-        xi, dyi, weight = x[i], dout[i], row_weights[i][:, None]
-        act, act_vjp = jax.vjp(lambda g, u: clamped_swiglu(limit, g, u), gates[i], ups[i])
-        hidden = (act * weight).astype(x.dtype)
-        dhidden = jnp.dot(dyi, w_down[e].T, preferred_element_type=jnp.float32)
-        dgate, dup = act_vjp(dhidden * weight)
-        dgate, dup = dgate.astype(x.dtype), dup.astype(x.dtype)
-        dxi = (jnp.dot(dgate, w_gate[e].T, preferred_element_type=jnp.float32)
-               + jnp.dot(dup, w_up[e].T, preferred_element_type=jnp.float32))
-        add_to_expert = lambda dw, a, b: lax.dynamic_update_index_in_dim(  # fp32 sums, whatever the compute dtype
-            dw, dw[e] + jnp.dot(a.T, b, preferred_element_type=jnp.float32), e, 0)
-        return (lax.dynamic_update_index_in_dim(dx, dxi.astype(dx.dtype), i, 0),
-                lax.dynamic_update_index_in_dim(drow, jnp.sum(dhidden * act, axis=-1), i, 0),
-                add_to_expert(dw_gate, xi, dgate), add_to_expert(dw_up, xi, dup), add_to_expert(dw_down, hidden, dyi))
+        dxi, drowi, *dwi = _ffn_block_grads(limit, x[i], row_weights[i], gates[i], ups[i], dout[i], w_gate[e],
+                                            w_up[e], w_down[e])
+        add_to_expert = lambda dw, g: lax.dynamic_update_index_in_dim(dw, dw[e] + g, e, 0)
+        return (lax.dynamic_update_index_in_dim(dx, dxi, i, 0), lax.dynamic_update_index_in_dim(drow, drowi, i, 0),
+                tuple(map(add_to_expert, dws, dwi)))
 
-    f32_zeros = lambda a: jnp.zeros(a.shape, jnp.float32)
-    init = (jnp.zeros_like(x), f32_zeros(row_weights), f32_zeros(w_gate), f32_zeros(w_up), f32_zeros(w_down))
-    dx, drow, dw_gate, dw_up, dw_down = lax.fori_loop(0, used, body, init)
-    no_grad = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # integer inputs
-    return (dx, drow.astype(row_weights.dtype), dw_gate.astype(w_gate.dtype), dw_up.astype(w_up.dtype),
-            dw_down.astype(w_down.dtype), no_grad(block_expert), no_grad(used))
+    init = (jnp.zeros_like(x), jnp.zeros(row_weights.shape, jnp.float32), dw_init)
+    return lax.fori_loop(0, used, body, init)
+
+
+def _no_grad(a):  # integer inputs
+    return np.zeros(a.shape, jax.dtypes.float0)
+
+
+def _expert_ffn_bwd(limit, residuals, dout):
+    row_weights, stacks, block_expert, used = residuals[1], residuals[2:5], residuals[5], residuals[6]
+    dx, drow, dws = _loop_grads(limit, residuals, dout, tuple(jnp.zeros(w.shape, jnp.float32) for w in stacks))
+    return (dx, drow.astype(row_weights.dtype), *(dw.astype(w.dtype) for dw, w in zip(dws, stacks)),
+            _no_grad(block_expert), _no_grad(used))
 
 
 expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def lanes_and_loop_ffn(limit: float, lane_x: jax.Array, lane_weights: jax.Array, x: jax.Array,
+                       row_weights: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+                       block_expert: jax.Array, used: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(lanes [E, C, d] through their experts, `expert_ffn` of the overflow blocks) with one VJP: the loop's
+    fp32 dW accumulators start from the lanes' dW. Differentiated apart, the loop zero-filled three [E, in, out]
+    accumulators (which XLA then copied into the loop) and the two dW were summed afterwards, three passes over
+    every expert matrix per layer (`small` / `mini` train step -3 %)."""
+    return _lanes_and_loop_fwd(limit, lane_x, lane_weights, x, row_weights, w_gate, w_up, w_down, block_expert,
+                               used)[0]
+
+
+def _lanes_and_loop_fwd(limit, lane_x, lane_weights, x, row_weights, w_gate, w_up, w_down, block_expert, used):
+    lane_gate, lane_up, lane_out = _ffn_block(limit, lane_x, lane_weights, w_gate, w_up, w_down)
+    out, loop_residuals = _expert_ffn_fwd(limit, x, row_weights, w_gate, w_up, w_down, block_expert, used)
+    return (lane_out, out), (lane_x, lane_weights, lane_gate, lane_up, loop_residuals)
+
+
+def _lanes_and_loop_bwd(limit, residuals, douts):
+    lane_x, lane_weights, lane_gate, lane_up, loop_residuals = residuals
+    row_weights, stacks, block_expert, used = (loop_residuals[1], loop_residuals[2:5], loop_residuals[5],
+                                               loop_residuals[6])
+    dlane_out, dout = douts
+    dlane_x, dlane_weights, *lane_dws = _ffn_block_grads(limit, lane_x, lane_weights, lane_gate, lane_up, dlane_out,
+                                                         *stacks)
+    dx, drow, dws = _loop_grads(limit, loop_residuals, dout, tuple(lane_dws))
+    return (dlane_x, dlane_weights.astype(lane_weights.dtype), dx, drow.astype(row_weights.dtype),
+            *(dw.astype(w.dtype) for dw, w in zip(dws, stacks)), _no_grad(block_expert), _no_grad(used))
+
+
+lanes_and_loop_ffn.defvjp(_lanes_and_loop_fwd, _lanes_and_loop_bwd)
 
 
 def expert_ffn_switched(limit: float, x: jax.Array, row_weights: jax.Array, experts: list, block_expert: jax.Array,
