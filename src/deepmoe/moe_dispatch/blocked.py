@@ -187,15 +187,17 @@ def _loop_grads(limit, residuals, dout, dw_init):
     return lax.fori_loop(0, used, body, init)
 
 
-def _no_grad(a):  # integer inputs
-    return np.zeros(a.shape, jax.dtypes.float0)
+def _loop_cotangents(residuals, dx, drow, dws):
+    """The loop inputs' cotangents (x, row_weights, the three stacks, block_expert, used) in their dtypes."""
+    row_weights, stacks, block_expert, used = residuals[1], residuals[2:5], residuals[5], residuals[6]
+    no_grad = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # integer inputs
+    return (dx, drow.astype(row_weights.dtype), *(dw.astype(w.dtype) for dw, w in zip(dws, stacks)),
+            no_grad(block_expert), no_grad(used))
 
 
 def _expert_ffn_bwd(limit, residuals, dout):
-    row_weights, stacks, block_expert, used = residuals[1], residuals[2:5], residuals[5], residuals[6]
-    dx, drow, dws = _loop_grads(limit, residuals, dout, tuple(jnp.zeros(w.shape, jnp.float32) for w in stacks))
-    return (dx, drow.astype(row_weights.dtype), *(dw.astype(w.dtype) for dw, w in zip(dws, stacks)),
-            _no_grad(block_expert), _no_grad(used))
+    zeros = tuple(jnp.zeros(w.shape, jnp.float32) for w in residuals[2:5])
+    return _loop_cotangents(residuals, *_loop_grads(limit, residuals, dout, zeros))
 
 
 expert_ffn.defvjp(_expert_ffn_fwd, _expert_ffn_bwd)
@@ -221,14 +223,11 @@ def _lanes_and_loop_fwd(limit, lane_x, lane_weights, x, row_weights, w_gate, w_u
 
 def _lanes_and_loop_bwd(limit, residuals, douts):
     lane_x, lane_weights, lane_gate, lane_up, loop_residuals = residuals
-    row_weights, stacks, block_expert, used = (loop_residuals[1], loop_residuals[2:5], loop_residuals[5],
-                                               loop_residuals[6])
     dlane_out, dout = douts
     dlane_x, dlane_weights, *lane_dws = _ffn_block_grads(limit, lane_x, lane_weights, lane_gate, lane_up, dlane_out,
-                                                         *stacks)
-    dx, drow, dws = _loop_grads(limit, loop_residuals, dout, tuple(lane_dws))
-    return (dlane_x, dlane_weights.astype(lane_weights.dtype), dx, drow.astype(row_weights.dtype),
-            *(dw.astype(w.dtype) for dw, w in zip(dws, stacks)), _no_grad(block_expert), _no_grad(used))
+                                                         *loop_residuals[2:5])
+    return (dlane_x, dlane_weights.astype(lane_weights.dtype),
+            *_loop_cotangents(loop_residuals, *_loop_grads(limit, loop_residuals, dout, tuple(lane_dws))))
 
 
 lanes_and_loop_ffn.defvjp(_lanes_and_loop_fwd, _lanes_and_loop_bwd)
