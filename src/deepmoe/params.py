@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from deepmoe.config import CSA, HASH_MOE, HCA, SLIDING, SCORE_MOE, ModelConfig
+from deepmoe.layers.moe import per_expert
 
 LayerKind = tuple[str, str]  # (attention type, moe type)
 
@@ -239,8 +240,7 @@ def unstack_layers(params: dict, cfg: ModelConfig, split_experts: bool | None = 
     if split_experts is None:
         split_experts = jax.default_backend() == "cpu" and cfg.num_experts <= SPLIT_EXPERTS_MAX
     if "layers" in params:  # already per layer (e.g. trained so): only split the experts if asked and not yet
-        already = all(isinstance(w, tuple) for layer in params["layers"] for w in layer["moe"]["experts"].values())
-        if not split_experts or already:
+        if not split_experts or all(per_expert(layer["moe"]["experts"]) for layer in params["layers"]):
             return params
         return {**params, "layers": _split_jitted(params["layers"])}
     rest = {k: v for k, v in params.items() if k != "segments"}
@@ -259,8 +259,9 @@ def stack_layers(params: dict, cfg: ModelConfig) -> dict:
 
 def _stack_segments(layers: list, cfg: ModelConfig) -> list:
     def joined(layer):  # per-expert arrays (split_experts) -> one [E, ...] stack
-        experts = {name: jnp.stack(w) if isinstance(w, tuple) else w
-                   for name, w in layer["moe"]["experts"].items()}
+        experts = layer["moe"]["experts"]
+        if per_expert(experts):
+            experts = {name: jnp.stack(w) for name, w in experts.items()}
         return {**layer, "moe": {**layer["moe"], "experts": experts}}
 
     layers = [joined(layer) for layer in layers]
