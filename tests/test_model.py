@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import deepmoe as dm
-from deepmoe.layers.hyper import sinkhorn
+from deepmoe.layers.hyper import sinkhorn, weighted_stream_sum
 
 F32 = dm.preset("tiny").replace(compute_dtype="float32")
 # jit with the config static: eager dispatch of the whole model is many times slower than compiling it
@@ -85,6 +85,20 @@ def test_sinkhorn_is_doubly_stochastic():
     assert (m > 0).all()
     converged = np.asarray(sinkhorn(logits, 300, 1e-6))  # rows converge with more iterations
     np.testing.assert_allclose(converged.sum(-1), 1.0, atol=1e-4)
+
+
+@pytest.mark.parametrize("outputs", [1, 4])
+def test_weighted_stream_sum_and_its_gradients_match_numpy(outputs):
+    """The mHC stream mix (custom VJP, multiply-adds) against numpy's einsum and the analytic gradients of
+    sum(out * G): dW[j, m] = sum_d S[j, d] G[m, d], dS[j, d] = sum_m W[j, m] G[m, d]."""
+    kw, ks, kg = jax.random.split(jax.random.key(7), 3)
+    w = jax.random.normal(kw, (2, 5, 4, outputs))
+    s = jax.random.normal(ks, (2, 5, 4, 16))
+    g = np.asarray(jax.random.normal(kg, (2, 5, outputs, 16)))
+    np.testing.assert_allclose(weighted_stream_sum(w, s), np.einsum("btjm,btjd->btmd", w, s), rtol=1e-5, atol=1e-5)
+    dw, ds = jax.grad(lambda w, s: jnp.sum(weighted_stream_sum(w, s) * g), argnums=(0, 1))(w, s)
+    np.testing.assert_allclose(dw, np.einsum("btjd,btmd->btjm", s, g), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ds, np.einsum("btjm,btmd->btjd", w, g), rtol=1e-5, atol=1e-5)
 
 
 def test_mtp_logits_follow_the_next_token(tiny_params, forward_f32, ids):

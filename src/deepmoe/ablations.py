@@ -38,7 +38,7 @@ import optax
 from deepmoe.config import ModelConfig
 from deepmoe.layers.attention import attention
 from deepmoe.layers.documents import document_positions
-from deepmoe.layers.hyper import hc_head, hc_post, hc_pre
+from deepmoe.layers.hyper import hc_head, hc_post, hc_pre, weighted_stream_sum
 from deepmoe.layers.moe import moe
 from deepmoe.layers.norms import rms_norm
 from deepmoe.layers.precision import compute_dtype, einsum_f32
@@ -63,7 +63,7 @@ def hc_pre_unconstrained(params: dict, cfg: ModelConfig, streams: jax.Array
     post = 2.0 * jax.nn.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
     free = jnp.tanh(mix[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(*mix.shape[:-1], n, n)
     comb = jnp.eye(n, dtype=jnp.float32) + free
-    x_in = jnp.einsum("...j,...jd->...d", pre, streams.astype(jnp.float32))
+    x_in = weighted_stream_sum(pre[..., None], streams.astype(jnp.float32))[..., 0, :]
     return x_in.astype(streams.dtype), post, comb
 
 
