@@ -43,10 +43,21 @@ def _with_previous_block(x: jax.Array, fill) -> jax.Array:
 
 def sink_softmax(logits: jax.Array, sinks: jax.Array) -> jax.Array:
     """Softmax over the key axis with a per-head sink in the denominator: logits [..., H, K] f32, sinks [H]."""
+    return sink_softmax_parts([logits], sinks)[0]
+
+
+def sink_softmax_parts(parts: list[jax.Array], sinks: jax.Array) -> list[jax.Array]:
+    """`sink_softmax` over the concatenation of `parts` (each [..., H, K_i]), returned as the same parts: the
+    window and compressed keys never get concatenated (nor, in the backward pass, their probabilities cut)."""
     sink = sinks.astype(jnp.float32)[:, None]  # [H, 1]
-    peak = jnp.maximum(jnp.max(logits, axis=-1, keepdims=True), sink)
-    probs = jnp.exp(logits - peak)
-    return probs / (jnp.sum(probs, axis=-1, keepdims=True) + jnp.exp(sink - peak))
+    peak = sink
+    for logits in parts:
+        peak = jnp.maximum(peak, jnp.max(logits, axis=-1, keepdims=True, initial=NEG_INF))  # a part may be empty
+    exps = [jnp.exp(logits - peak) for logits in parts]
+    denominator = jnp.exp(sink - peak)
+    for e in exps:
+        denominator = denominator + jnp.sum(e, axis=-1, keepdims=True)
+    return [e / denominator for e in exps]
 
 
 def sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: jax.Array, sinks: jax.Array,
@@ -68,15 +79,15 @@ def sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: j
     seg_k = _with_previous_block(_blocks(segment_ids, w, -2), -2)[:, :, None, :]  # [B, nb, 1, 2W]
     window_mask = (k_index <= q_index) & (k_index > q_index - w) & (k_index >= 0) & (seg_q == seg_k)
     logits = einsum(cfg, "bnqhc,bnkc->bnqhk", q_blocks, k_blocks).astype(jnp.float32) * scale
-    logits = jnp.where(window_mask[:, :, :, None, :], logits, NEG_INF)
+    parts = [jnp.where(window_mask[:, :, :, None, :], logits, NEG_INF)]
     if entries is not None:
         entry_logits = einsum(cfg, "bthc,bnc->bthn", q, entries).astype(jnp.float32) * scale
         entry_logits = jnp.where(entry_mask[:, :, None, :], entry_logits, NEG_INF)
-        logits = jnp.concatenate([logits, _blocks(entry_logits, w, NEG_INF)], axis=-1)
-    probs = sink_softmax(logits, sinks)
-    out = einsum(cfg, "bnqhk,bnkc->bnqhc", probs[..., :2 * w], k_blocks)
+        parts.append(_blocks(entry_logits, w, NEG_INF))
+    probs = sink_softmax_parts(parts, sinks)
+    out = einsum(cfg, "bnqhk,bnkc->bnqhc", probs[0], k_blocks)
     if entries is not None:
-        out = out + einsum(cfg, "bnqhk,bkc->bnqhc", probs[..., 2 * w:], entries)
+        out = out + einsum(cfg, "bnqhk,bkc->bnqhc", probs[1], entries)
     return out.reshape(b, -1, h, c)[:, :t]
 
 
