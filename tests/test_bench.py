@@ -5,6 +5,7 @@ the per-component breakdown of both timed programs."""
 import json
 
 from deepmoe import bench
+from deepmoe.train.step import TrainConfig, layers_scanned
 from deepmoe.config import preset
 from deepmoe.plan import PlanOptions, flops_per_token
 
@@ -21,6 +22,8 @@ def test_bench_json_and_mfu_formula(tmp_path, capsys):
     assert abs(r["forward"]["mfu"] - flops["forward"] * r["forward"]["tokens_per_s"] / peak) < 1e-12
     assert abs(r["train"]["mfu"] - flops["model"] * r["train"]["tokens_per_s"] / peak) < 1e-12
     assert r["forward"]["tokens_per_s"] == 32 / r["forward"]["seconds"]
+    # the forward runs over the layout the train step picks for this model
+    assert r["forward"]["layout"] == ("segments" if layers_scanned(preset("tiny"), TrainConfig()) else "layers")
     assert r["host_buffers"] == "on" or "already started" in r["host_buffers"]  # conftest applied it first
     printed = capsys.readouterr().out
     assert "train step:" in printed and f"wrote {out}" in printed
