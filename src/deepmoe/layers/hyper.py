@@ -56,7 +56,7 @@ def _weighted_stream_sum_fwd(weights, streams):
 
 def _weighted_stream_sum_bwd(residuals, grad):
     weights, streams = residuals
-    return (jnp.einsum("...jd,...md->...jm", streams, grad),
+    return (einsum_f32("...jd,...md->...jm", streams, grad),
             _weighted_sum_unrolled(jnp.swapaxes(weights, -1, -2), grad))
 
 
