@@ -38,10 +38,10 @@ import optax
 from deepmoe.config import ModelConfig
 from deepmoe.layers.attention import attention
 from deepmoe.layers.documents import document_positions
-from deepmoe.layers.hyper import hc_head, hc_post, hc_pre, weighted_stream_sum
+from deepmoe.layers.hyper import hc_head, hc_post, hc_pre, mix_logits, weighted_stream_sum
 from deepmoe.layers.moe import moe
 from deepmoe.layers.norms import rms_norm
-from deepmoe.layers.precision import compute_dtype, einsum_f32
+from deepmoe.layers.precision import compute_dtype
 from deepmoe.model import logits_from_hidden
 from deepmoe.params import layer_params as all_layer_params, layer_segments
 
@@ -55,9 +55,7 @@ def hc_pre_unconstrained(params: dict, cfg: ModelConfig, streams: jax.Array
     """`hc_pre` with a raw mixing matrix: comb = I + tanh(alpha_comb * mix + base) (no softmax, no Sinkhorn).
     streams [B,T,n,D] -> (sub-block input [B,T,D], post gains [B,T,n], comb [B,T,n,n])."""
     n = cfg.residual_streams
-    flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-    mix = einsum_f32("...i,io->...o", flat, params["fn"]) * inv_rms  # as layers.hyper._mix
+    mix = mix_logits(params, cfg, streams)
     scale, base = params["scale"].astype(jnp.float32), params["base"].astype(jnp.float32)
     pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + cfg.hc_eps
     post = 2.0 * jax.nn.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])

@@ -7,6 +7,8 @@ stochastic matrix (`comb`, Sinkhorn-normalised) so the residual map is non-expan
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 
@@ -14,11 +16,36 @@ from deepmoe.config import ModelConfig
 from deepmoe.layers.precision import einsum_f32
 
 
-def _mix(params: dict, cfg: ModelConfig, streams: jax.Array) -> jax.Array:
+def mix_logits(params: dict, cfg: ModelConfig, streams: jax.Array) -> jax.Array:
     """Linear(UnweightedRMSNorm(flattened streams)) -> [B, T, outputs] float32."""
     flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-    return einsum_f32("...i,io->...o", flat, params["fn"]) * inv_rms
+    return _normed_linear(flat, params["fn"].astype(jnp.float32), cfg.rms_norm_eps)
+
+
+def _normed_linear_parts(flat, fn, eps):
+    inv_rms = jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + eps)
+    raw = einsum_f32("...i,io->...o", flat, fn)
+    return raw * inv_rms, (flat, fn, inv_rms, raw)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _normed_linear(flat: jax.Array, fn: jax.Array, eps: float) -> jax.Array:
+    """(flat @ fn) * rsqrt(mean(flat^2) + eps), with a hand-written VJP: autodiff's sends the rms term's
+    gradient through twice, and XLA:CPU fuses all of it into the [T, 4D] x [4D, outputs] dot's epilogue
+    (small: 2.7 -> 2.1 ms per mHC map in isolation)."""
+    return _normed_linear_parts(flat, fn, eps)[0]
+
+
+def _normed_linear_bwd(eps, residuals, grad):
+    flat, fn, inv_rms, raw = residuals
+    scaled = grad * inv_rms  # cotangent of raw
+    # inv_rms = (mean(flat^2) + eps)^-1/2  ->  d flat = -inv_rms^3 * sum_o(grad * raw) * flat / n
+    coefficient = -jnp.sum(grad * raw, axis=-1, keepdims=True) * inv_rms ** 3 / flat.shape[-1]
+    return (einsum_f32("...o,io->...i", scaled, fn) + coefficient * flat,
+            einsum_f32("...i,...o->io", flat, scaled))
+
+
+_normed_linear.defvjp(lambda flat, fn, eps: _normed_linear_parts(flat, fn, eps), _normed_linear_bwd)
 
 
 def sinkhorn(logits: jax.Array, iterations: int, eps: float) -> jax.Array:
@@ -66,7 +93,7 @@ weighted_stream_sum.defvjp(_weighted_stream_sum_fwd, _weighted_stream_sum_bwd)
 def hc_pre(params: dict, cfg: ModelConfig, streams: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """streams [B,T,n,D] -> (sub-block input [B,T,D], post gains [B,T,n], comb matrix [B,T,n,n])."""
     n = cfg.residual_streams
-    mix = _mix(params, cfg, streams)
+    mix = mix_logits(params, cfg, streams)
     scale, base = params["scale"].astype(jnp.float32), params["base"].astype(jnp.float32)
     pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + cfg.hc_eps
     post = 2.0 * jax.nn.sigmoid(mix[..., n:2 * n] * scale[1] + base[n:2 * n])
@@ -85,6 +112,6 @@ def hc_post(output: jax.Array, streams: jax.Array, post: jax.Array, comb: jax.Ar
 
 def hc_head(params: dict, cfg: ModelConfig, streams: jax.Array) -> jax.Array:
     """Final reduction of the streams: sigmoid-weighted sum, no Sinkhorn. -> [B, T, D]."""
-    mix = _mix({"fn": params["fn"]}, cfg, streams)
+    mix = mix_logits(params, cfg, streams)
     weights = jax.nn.sigmoid(mix * params["scale"].astype(jnp.float32) + params["base"]) + cfg.hc_eps
     return weighted_stream_sum(weights[..., None], streams.astype(jnp.float32))[..., 0, :].astype(streams.dtype)
