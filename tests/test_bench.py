@@ -5,9 +5,9 @@ the per-component breakdown of both timed programs."""
 import json
 
 from deepmoe import bench
-from deepmoe.train.step import TrainConfig, layers_scanned
 from deepmoe.config import preset
 from deepmoe.plan import PlanOptions, flops_per_token
+from deepmoe.train.step import TrainConfig, layers_scanned
 
 
 def test_bench_json_and_mfu_formula(tmp_path, capsys):
