@@ -2,8 +2,11 @@
 
 import os
 
-# Must happen before jax is imported anywhere.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Must happen before jax is imported anywhere. The scheduler flag is deepmoe's CPU_MESH_OPTIONS
+# (backend/xla_options.py) for the tests' own jax.jit programs over the simulated mesh: without it XLA:CPU can
+# deadlock on collectives.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                                   "--xla_cpu_enable_concurrency_optimized_scheduler=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402

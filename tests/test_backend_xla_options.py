@@ -25,7 +25,8 @@ def test_jit_matches_numpy_and_applies_cpu_options(fresh_options):
     x = np.random.default_rng(1).normal(size=(512, 4, 256)).astype(np.float32)
     f = xla_options.jit(_stream_mix)
     np.testing.assert_allclose(np.asarray(f(w, x)), np.einsum("tj,tjd->td", w, x), rtol=1e-5, atol=1e-5)
-    assert xla_options.compiler_options() == xla_options.CPU_OPTIONS  # the tests run on XLA:CPU
+    # the tests run on XLA:CPU with 8 simulated devices (conftest), so the mesh options apply too
+    assert xla_options.compiler_options() == {**xla_options.CPU_OPTIONS, **xla_options.CPU_MESH_OPTIONS}
     # the option reaches the compiled program: XLA's default hands this reduction to YNNPACK, ours does not
     if "__ynn_fusion" not in jax.jit(_stream_mix).lower(w, x).compile().as_text():
         pytest.skip("this jaxlib no longer gives reductions to YNNPACK: the option may be obsolete")
@@ -37,6 +38,11 @@ def test_nested_inside_jit_grad_and_eval_shape(fresh_options):
     x = jnp.linspace(0.0, 1.0, 8)
     np.testing.assert_allclose(np.asarray(jax.jit(jax.grad(f))(x)), np.sin(2 * np.asarray(x)), rtol=1e-5)
     assert jax.eval_shape(f, x).shape == ()
+
+
+def test_single_device_process_gets_no_mesh_options(fresh_options, monkeypatch):
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert xla_options.compiler_options() == xla_options.CPU_OPTIONS
 
 
 def test_env_switch_gives_xla_defaults(fresh_options, monkeypatch):

@@ -6,7 +6,8 @@ XLA:CPU hands reductions to YNNPACK by default. For the reductions this model is
 runs 10-30x slower than XLA's own fused loops: keeping YNNPACK for dots only made the `mini` train step ~1.5x
 faster (measured with `deepmoe bench`, see README "Performance"). The option is experimental in XLA, so it is
 probed once and silently dropped where this jaxlib does not know it; other platforms get no options.
-Set DEEPMOE_XLA_OPTIONS=0 to compile with XLA's defaults. The train step's optimizer half keeps XLA's defaults on
+With more than one CPU device (a simulated mesh, or CPU processes in a multi-process run) one more option
+keeps collectives from deadlocking (CPU_MESH_OPTIONS). Set DEEPMOE_XLA_OPTIONS=0 to compile with XLA's defaults. The train step's optimizer half keeps XLA's defaults on
 purpose: its big flat reductions (the global gradient norm) are the ones YNNPACK does fast (train/step.py).
 """
 
@@ -23,18 +24,26 @@ log = logging.getLogger(__name__)
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
+# XLA:CPU's default, concurrency-optimised schedule lets one device have several independent collectives in
+# flight. Each blocks a thread of the shared pool until its partners arrive; once every pool thread blocks, the
+# partners' collectives never start, and XLA aborts the process after its 40 s rendezvous timeout. Seen on the
+# fsdp2 x expert2 x tensor2 gradient program of tests/test_sharding.py (aborted 5 times in 11 runs at 1e12070,
+# and in CI); with this option the schedule orders the collectives and 10 of 10 runs passed.
+CPU_MESH_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+
 
 @functools.cache
 def compiler_options() -> dict[str, str] | None:
     """The options for the default backend, or None (XLA's defaults)."""
     if os.environ.get("DEEPMOE_XLA_OPTIONS", "1") == "0" or jax.default_backend() != "cpu":
         return None
+    options = {**CPU_OPTIONS, **(CPU_MESH_OPTIONS if jax.device_count() > 1 else {})}
     try:  # an unknown option or value fails at compile time: find out on something trivial
-        jax.jit(lambda x: x + 1, compiler_options=CPU_OPTIONS).lower(1.0).compile()
+        jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
     except Exception as err:  # noqa: BLE001 - any failure means: this jaxlib cannot take the option
-        log.info("XLA:CPU options %s not accepted by this jaxlib (%s); using XLA's defaults", CPU_OPTIONS, err)
+        log.info("XLA:CPU options %s not accepted by this jaxlib (%s); using XLA's defaults", options, err)
         return None
-    return dict(CPU_OPTIONS)
+    return options
 
 
 class _LazyJit:
