@@ -24,11 +24,13 @@ demo: $(VENV)/.installed
 
 # Tests run in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time so module fixtures
 # (compiled programs, trained runs) are built once; compilation is single-threaded, so 2 workers on 2 cores
-# nearly halve the wall time. TEST_WORKERS=0 runs everything in this process.
+# nearly halve the wall time. TEST_WORKERS=0 runs everything in this process. A worker that crashes (XLA aborts
+# the process, e.g. when collectives deadlock) fails the run at once: by default xdist re-runs the crashed file
+# on up to 8 fresh workers, which once kept CI busy past its time limit.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0 $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

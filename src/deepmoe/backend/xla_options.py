@@ -27,8 +27,8 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"
 # XLA:CPU's default, concurrency-optimised schedule lets one device have several independent collectives in
 # flight. Each blocks a thread of the shared pool until its partners arrive; once every pool thread blocks, the
 # partners' collectives never start, and XLA aborts the process after its 40 s rendezvous timeout. Seen on the
-# fsdp2 x expert2 x tensor2 gradient program of tests/test_sharding.py (aborted 5 times in 11 runs at 1e12070,
-# and in CI); with this option the schedule orders the collectives and 10 of 10 runs passed.
+# fsdp2 x expert2 x tensor2 gradient program of tests/test_sharding.py: 10 of 29 runs aborted with the
+# program as it was at 1e12070 (a hand-written VJP in mHC, since reverted), none of 20 with this option.
 CPU_MESH_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
 
 
