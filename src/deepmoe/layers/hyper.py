@@ -16,8 +16,12 @@ from deepmoe.layers.precision import einsum_f32
 
 def mix_logits(params: dict, cfg: ModelConfig, streams: jax.Array) -> jax.Array:
     """Linear(UnweightedRMSNorm(flattened streams)) -> [B, T, outputs] float32."""
-    flat = streams.reshape(*streams.shape[:-2], -1).astype(jnp.float32)
-    inv_rms = jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    streams = streams.astype(jnp.float32)
+    # The mean runs over the streams' own [n, D] axes, not over the flattened copy the dot reads: when both read
+    # the flattened view, XLA:CPU writes the residual stream out once more in that shape (in the train step,
+    # per sub-block, the previous hc_post's sum was materialised in four shapes).
+    inv_rms = jax.lax.rsqrt(jnp.mean(streams * streams, axis=(-2, -1))[..., None] + cfg.rms_norm_eps)
+    flat = streams.reshape(*streams.shape[:-2], -1)
     return einsum_f32("...i,io->...o", flat, params["fn"]) * inv_rms
 
 
