@@ -7,6 +7,7 @@ import pytest
 
 import deepmoe as dm
 from deepmoe.layers.hyper import sinkhorn, weighted_stream_sum
+from deepmoe.layers.precision import einsum
 
 F32 = dm.preset("tiny").replace(compute_dtype="float32")
 # jit with the config static: eager dispatch of the whole model is many times slower than compiling it
@@ -55,6 +56,29 @@ def test_bf16_agrees_with_fp32(tiny_params, forward_f32, ids):
     assert low.dtype == np.float32
     err = np.abs(low - ref).max() / np.abs(ref).max()
     assert 0 < err < 0.05, err
+
+
+@pytest.mark.parametrize("dtype, spec, shapes, two_rows", [
+    ("float32", "d,di->i", ((512,), (512, 384)), True),  # a routed expert's row (gather strategy)
+    ("float32", "btr,rhc->bthc", ((1, 1, 256), (256, 8, 128)), True),  # query up-projection of one token
+    ("bfloat16", "btd,di->bti", ((1, 1, 128), (128, 64)), True),  # bf16: at every size
+    ("float32", "btd,di->bti", ((1, 1, 128), (128, 64)), False),  # fp32 below the size floor
+    ("float32", "btd,di->bti", ((1, 3, 512), (512, 384)), False),  # three rows
+    ("float32", "btgi,gil->btgl", ((1, 1, 4, 256), (4, 256, 256)), False),  # batched over g
+])
+def test_one_row_products(dtype, spec, shapes, two_rows):
+    """A decode step's vector-matrix products run on XLA:CPU as two-row products (precision._as_two_rows, for
+    speed) and equal numpy's einsum of the same operands either way."""
+    cfg = F32.replace(compute_dtype=dtype)
+    keys = jax.random.split(jax.random.key(0), 2)
+    x, w = (jax.random.normal(k, s, jnp.float32).astype(dtype) for k, s in zip(keys, shapes))
+    fn = jax.jit(lambda x, w: einsum(cfg, spec, x, w))
+    ir = fn.lower(x, w).as_text()
+    assert (f"tensor<2x{'x'.join(map(str, shapes[0]))}x" in ir) == two_rows  # the row stacked over a zero row
+    got = np.asarray(fn(x, w), np.float64)
+    ref = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * np.abs(ref).max())
 
 
 def test_moe_strategies_agree(tiny_params, ids):
