@@ -4,9 +4,14 @@ the per-component breakdown of both timed programs."""
 
 import json
 
+import jax
+import numpy as np
+
 from deepmoe import bench
 from deepmoe.config import preset
-from deepmoe.plan import PlanOptions, flops_per_token
+from deepmoe.infer.decode import prefill
+from deepmoe.params import init_params
+from deepmoe.plan import PlanOptions, decode_weight_bytes, flops_per_token
 from deepmoe.train.step import TrainConfig, layers_scanned
 
 
@@ -34,3 +39,21 @@ def test_bench_json_and_mfu_formula(tmp_path, capsys):
     assert abs(sum(step["components"].values()) - step["op_ms_per_run"]) < 1e-6
     assert (tmp_path / "tiny-profile.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "tiny-trace").is_dir()
     assert "profile, train step:" in printed
+
+
+def test_bench_decode_mbu(tmp_path, capsys):
+    """Decode MBU = (weights + cache a step reads) x steps/s / the measured read bandwidth; the cache bytes are
+    those of the cache prefill really allocates for the prompt plus the new tokens."""
+    out = tmp_path / "tiny.json"
+    assert bench.main(["--preset", "tiny", "--seq", "16", "--repeats", "1", "--skip", "train", "--new-tokens", "4",
+                       "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    cfg = preset("tiny", compute_dtype="float32")  # bench's default --dtype; the cache keeps that dtype
+    gen, read = r["generate"], r["generate"]["bytes_per_step"]
+    assert read["weights"] == decode_weight_bytes(cfg, "float32", 1)
+    _, cache = prefill(init_params(cfg, jax.random.key(0)), cfg, np.zeros((1, 16), np.int32), max_len=16 + 4)
+    assert read["cache"] == sum(x.nbytes for x in jax.tree.leaves(cache))
+    assert read["total"] == read["weights"] + read["cache"] == r["read_bandwidth"]["bytes"]
+    assert r["read_bandwidth"]["bytes_per_s"] > 0
+    assert abs(gen["mbu"] - read["total"] * gen["decode_tokens_per_s"] / r["read_bandwidth"]["bytes_per_s"]) < 1e-12
+    assert "MBU" in capsys.readouterr().out

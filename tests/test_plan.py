@@ -6,8 +6,8 @@ import jax
 import pytest
 
 import deepmoe as dm
-from deepmoe.plan import (DEVICES, PlanOptions, active_matmul_params, attention_flops, flops_per_token, main,
-                          parameter_memory, plan)
+from deepmoe.plan import (DEVICES, PlanOptions, active_matmul_params, attention_flops, decode_weight_bytes,
+                          flops_per_token, main, parameter_memory, plan)
 
 TINY = dm.preset("tiny")  # SWA, CSA, HCA, CSA; 1 hash layer; MTP; float32 params
 
@@ -82,6 +82,24 @@ def test_grads_and_adamw_state():
     assert got["optimizer"] == 2 * 4 * (hand - frozen)
     muon = parameter_memory(TINY, {"data": 8}, opts=PlanOptions(optimizer="muon"))
     assert got["grads"] < muon["optimizer"] < got["optimizer"]  # matrices keep one state, the rest two
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_weight_bytes_against_the_initialised_params(dtype):
+    """Counted from the arrays init_params makes: everything but the MTP module, less the embedding and hash-table
+    rows no token of the batch asks for and the routed experts none of its tokens picks."""
+    cfg = TINY.replace(param_dtype=dtype)
+    params = dm.init_params(cfg, jax.random.key(0))
+    leaves = [(jax.tree_util.keystr(path), x) for path, x in
+              jax.tree_util.tree_flatten_with_path({k: v for k, v in params.items() if k != "mtp"})[0]]
+    full = sum(x.nbytes for _, x in leaves)
+    tables = sum(x.nbytes for name, x in leaves if name.endswith("['embed']") or name.endswith("['tid2eid']"))
+    routed = sum(x.nbytes for name, x in leaves if "['experts']" in name)
+    assert tables and routed
+    e, k, v = cfg.num_experts, cfg.experts_per_token, cfg.vocab_size
+    for batch in (1, 2, e):  # k, 2k and all E experts per MoE layer
+        expected = full - tables * (1 - batch / v) - routed * (1 - min(e, batch * k) / e)
+        assert decode_weight_bytes(cfg, dtype, batch) == pytest.approx(expected, rel=1e-12)
 
 
 def test_active_matmul_params_by_hand():

@@ -12,6 +12,10 @@ Measured, in one process:
   `deepmoe.plan.flops_per_token` (2 x active matmul parameters + attention 4*H*c*keys + indexer terms; a train
   step counts 3x the forward, no remat);
 - prefill and decode tokens/s (`deepmoe.infer.generate`, greedy, over per-layer weights converted once);
+- decode MBU (memory-bandwidth utilisation, decode's MFU) = bytes a step must read x steps/s / measured read
+  bandwidth. Bytes: the weights of `deepmoe.plan.decode_weight_bytes` (every matrix once, the routed experts
+  the tokens pick, one embedding row per sequence) + the whole decode cache; bandwidth: a float32 sum over a
+  working set of the same size (`measure_read_bandwidth`). transformers' MBU uses the same bytes;
 - peak memory: XLA's `memory_analysis()` of each compiled program and the process's peak RSS;
 - with --compare-transformers: transformers' `DeepseekV4ForCausalLM` on the same config (eager attention, float32,
   torch threads = this machine's cores): forward, an AdamW train step, and `generate`, reported as ratios.
@@ -64,6 +68,21 @@ def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
     matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     best = min(_median_time(lambda: matmul(a, b), 1) for _ in range(repeats))
     return 2.0 * size ** 3 / best
+
+
+def measure_read_bandwidth(nbytes: float, repeats: int = 10) -> float:
+    """Bytes/s of summing a float32 array of `nbytes` (at least 16 MiB), the best of `repeats` runs: what the
+    machine reads a working set of that size at. Sized like the decode step's working set on purpose: a cache
+    as large as the model's weights (this VM's L3 is 300 MB) serves ~53 GB/s at 100 MB and ~38 at 1 GiB."""
+    import jax
+    import jax.numpy as jnp
+
+    rows = max(int(nbytes), 16 * 2**20) // (4 * 1024)
+    x = jnp.ones((rows, 1024), jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(x))
+    best = min(_median_time(lambda: total(x), 1) for _ in range(repeats))
+    return x.nbytes / best
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -143,7 +162,24 @@ def bench_generate(cfg, params, prompt, new_tokens: int) -> dict[str, Any]:
     prefill = _median_time(lambda: run(1).tokens, 3)
     full = _median_time(lambda: run(new_tokens).tokens, 3)
     decode = max(full - prefill, 1e-9) / (new_tokens - 1)
-    return {"prefill_tokens_per_s": prompt.size / prefill, "decode_tokens_per_s": prompt.shape[0] / decode}
+    return {"prefill_tokens_per_s": prompt.size / prefill, "decode_tokens_per_s": prompt.shape[0] / decode,
+            "bytes_per_step": decode_step_bytes(cfg, prompt.shape[0], prompt.shape[1] + new_tokens)}
+
+
+def decode_step_bytes(cfg, batch: int, max_len: int) -> dict[str, float]:
+    """What one decode step reads: the weights (`deepmoe.plan.decode_weight_bytes`) and the whole cache (its
+    buffers have static shapes: a step reads every slot up to max_len and masks the empty ones)."""
+    from deepmoe.infer.cache import cache_shapes, tree_bytes
+    from deepmoe.plan import decode_weight_bytes
+
+    weights = decode_weight_bytes(cfg, cfg.param_dtype, batch)
+    cache = float(tree_bytes(cache_shapes(cfg, batch, max_len)))
+    return {"weights": weights, "cache": cache, "total": weights + cache}
+
+
+def memory_bandwidth_utilization(step_bytes: float, tokens_per_s: float, batch: int, bandwidth: float) -> float:
+    """MBU: bytes a decode step must read x steps/s / the measured read bandwidth (decode's MFU)."""
+    return step_bytes * tokens_per_s / batch / bandwidth
 
 
 def bench_transformers(cfg, ids: np.ndarray, repeats: int, new_tokens: int, skip: set[str]) -> dict[str, Any]:
@@ -232,6 +268,15 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
                 "prefill_tokens_per_s": result.get("generate", {}).get("prefill_tokens_per_s"),
                 "decode_tokens_per_s": result.get("generate", {}).get("decode_tokens_per_s")}
         result["speedup_vs_transformers"] = {k: ours[k] / hf[k] for k in hf if ours.get(k)}
+    if "generate" in result:
+        log("measuring read bandwidth ...")
+        gen, step_bytes = result["generate"], result["generate"]["bytes_per_step"]["total"]
+        result["read_bandwidth"] = {"bytes": step_bytes, "bytes_per_s": measure_read_bandwidth(step_bytes)}
+        bandwidth = result["read_bandwidth"]["bytes_per_s"]
+        gen["mbu"] = memory_bandwidth_utilization(step_bytes, gen["decode_tokens_per_s"], batch, bandwidth)
+        if compare and "decode_tokens_per_s" in result["transformers"]:
+            result["transformers"]["decode_mbu"] = memory_bandwidth_utilization(
+                step_bytes, result["transformers"]["decode_tokens_per_s"], batch, bandwidth)
     # The peak again at the end, keeping the better: on shared cores one measurement can land in a busy spell
     # (seen: 99 instead of ~200 GFLOP/s), which would inflate every MFU below.
     log("measuring peak matmul FLOP/s again ...")
@@ -258,6 +303,12 @@ def format_result(r: dict[str, Any]) -> str:
     if "generate" in r:
         g = r["generate"]
         lines.append(f"prefill {g['prefill_tokens_per_s']:.0f} tok/s, decode {g['decode_tokens_per_s']:.1f} tok/s")
+        if "mbu" in g:
+            b, bw = g["bytes_per_step"], r["read_bandwidth"]["bytes_per_s"]
+            hf_mbu = r.get("transformers", {}).get("decode_mbu")
+            lines.append(f"decode step reads {b['weights'] / 1e6:.1f} MB of weights + {b['cache'] / 1e6:.1f} MB of "
+                         f"cache: MBU {100 * g['mbu']:.1f}% of {bw / 1e9:.1f} GB/s measured"
+                         + (f" (transformers {100 * hf_mbu:.1f}%)" if hf_mbu is not None else ""))
     for key, ratio in r.get("speedup_vs_transformers", {}).items():
         lines.append(f"vs transformers, {key.replace('_tokens_per_s', '')}: {ratio:.2f}x")
     lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")

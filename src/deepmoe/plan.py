@@ -156,6 +156,27 @@ def parameter_memory(cfg: ModelConfig, mesh: dict[str, int], rules=None, opts: P
     return out
 
 
+def decode_weight_bytes(cfg: ModelConfig, param_dtype: str = "float32", batch: int = 1) -> float:
+    """Bytes of weights one decode step reads, the MTP module left out: every matrix and vector once, one row of
+    the embedding and of each hash table per sequence, and of each MoE layer's routed experts the ones its
+    tokens pick (k per sequence, at most all E; at batch 1 exactly k). A decode step cannot run faster than this
+    over the machine's read bandwidth; `deepmoe bench` reports the achieved fraction (MBU)."""
+    opts = PlanOptions(mode="infer", param_dtype=param_dtype)
+    experts_read = min(cfg.num_experts, batch * cfg.experts_per_token)
+    total = 0.0
+    for name, spec in _leaves(cfg):
+        if name.startswith("mtp/"):
+            continue
+        elements = float(math.prod(spec.shape))
+        if name.split("/")[-1] in ("embed", "tid2eid"):  # [..., vocab, width] tables: one row per token
+            vocab = spec.shape[-2]
+            elements *= min(batch, vocab) / vocab
+        elif _is_routed(name):
+            elements *= experts_read / cfg.num_experts
+        total += elements * _leaf_bytes(name, spec, opts, param_dtype)
+    return total
+
+
 # ----- FLOPs -----------------------------------------------------------------------------------------------
 
 def active_matmul_params(cfg: ModelConfig) -> float:
