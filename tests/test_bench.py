@@ -1,6 +1,7 @@
 """`deepmoe bench` on `tiny`: its JSON holds what the README tables quote, and MFU is the documented formula
 (model FLOPs per token from deepmoe.plan x tokens/s / the better of the two peak measurements); --profile adds
-the per-component breakdown of both timed programs."""
+the per-component breakdown of both timed programs; decode MBU is the documented formula over the bytes the
+planner counts and the cache prefill allocates."""
 
 import json
 

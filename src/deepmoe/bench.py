@@ -71,9 +71,9 @@ def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
 
 
 def measure_read_bandwidth(nbytes: float, repeats: int = 10) -> float:
-    """Bytes/s of summing a float32 array of `nbytes` (at least 16 MiB), the best of `repeats` runs: what the
-    machine reads a working set of that size at. Sized like the decode step's working set on purpose: a cache
-    as large as the model's weights (this VM's L3 is 300 MB) serves ~53 GB/s at 100 MB and ~38 at 1 GiB."""
+    """Bytes/s of summing a float32 array of `nbytes` (at least 16 MiB, so that timing a call is not timing its
+    dispatch), the best of `repeats` runs. Sized like the decode step's working set on purpose: how fast bytes
+    arrive depends on which cache level holds them (this VM's L3 is 300 MB: ~53 GB/s at 100 MB, ~38 at 1 GiB)."""
     import jax
     import jax.numpy as jnp
 
