@@ -54,7 +54,8 @@ def test_bench_decode_mbu(tmp_path, capsys):
     assert read["weights"] == decode_weight_bytes(cfg, "float32", 1)
     _, cache = prefill(init_params(cfg, jax.random.key(0)), cfg, np.zeros((1, 16), np.int32), max_len=16 + 4)
     assert read["cache"] == sum(x.nbytes for x in jax.tree.leaves(cache))
-    assert read["total"] == read["weights"] + read["cache"] == r["read_bandwidth"]["bytes"]
+    assert read["total"] == read["weights"] + read["cache"]
+    assert r["read_bandwidth"]["bytes"] == min(max(read["total"], 16 * 2**20), 2**30) // 4096 * 4096
     assert r["read_bandwidth"]["bytes_per_s"] > 0
     assert abs(gen["mbu"] - read["total"] * gen["decode_tokens_per_s"] / r["read_bandwidth"]["bytes_per_s"]) < 1e-12
     assert "MBU" in capsys.readouterr().out

@@ -15,7 +15,8 @@ Measured, in one process:
 - decode MBU (memory-bandwidth utilisation, decode's MFU) = bytes a step must read x steps/s / measured read
   bandwidth. Bytes: the weights of `deepmoe.plan.decode_weight_bytes` (every matrix once, the routed experts
   the tokens pick, one embedding row per sequence) + the whole decode cache; bandwidth: a float32 sum over a
-  working set of the same size (`measure_read_bandwidth`). transformers' MBU uses the same bytes;
+  working set of the same size, 16 MiB to 1 GiB (`measure_read_bandwidth`). transformers' MBU uses the same
+  bytes;
 - peak memory: XLA's `memory_analysis()` of each compiled program and the process's peak RSS;
 - with --compare-transformers: transformers' `DeepseekV4ForCausalLM` on the same config (eager attention, float32,
   torch threads = this machine's cores): forward, an AdamW train step, and `generate`, reported as ratios.
@@ -70,19 +71,20 @@ def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
     return 2.0 * size ** 3 / best
 
 
-def measure_read_bandwidth(nbytes: float, repeats: int = 10) -> float:
-    """Bytes/s of summing a float32 array of `nbytes` (at least 16 MiB, so that timing a call is not timing its
-    dispatch), the best of `repeats` runs. Sized like the decode step's working set on purpose: how fast bytes
-    arrive depends on which cache level holds them (this VM's L3 is 300 MB: ~53 GB/s at 100 MB, ~38 at 1 GiB)."""
+def measure_read_bandwidth(nbytes: float, repeats: int = 10) -> dict[str, float]:
+    """{bytes, bytes_per_s} of summing a float32 array of `nbytes`, the best of `repeats` runs. Sized like the decode step's
+    working set on purpose: how fast bytes arrive depends on which cache level holds them (this VM's L3 is
+    300 MB: ~53 GB/s at 100 MB, ~38 at 1 GiB). Clamped to [16 MiB, 1 GiB]: below, a call's time is mostly its
+    dispatch; above, memory streams at its own rate and a larger array would only risk running out of it."""
     import jax
     import jax.numpy as jnp
 
-    rows = max(int(nbytes), 16 * 2**20) // (4 * 1024)
+    rows = min(max(int(nbytes), 16 * 2**20), 2**30) // (4 * 1024)
     x = jnp.ones((rows, 1024), jnp.float32)
     total = jax.jit(jnp.sum)
     jax.block_until_ready(total(x))
     best = min(_median_time(lambda: total(x), 1) for _ in range(repeats))
-    return x.nbytes / best
+    return {"bytes": float(x.nbytes), "bytes_per_s": x.nbytes / best}
 
 
 def _memory(compiled) -> dict[str, int]:
@@ -271,7 +273,7 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
     if "generate" in result:
         log("measuring read bandwidth ...")
         gen, step_bytes = result["generate"], result["generate"]["bytes_per_step"]["total"]
-        result["read_bandwidth"] = {"bytes": step_bytes, "bytes_per_s": measure_read_bandwidth(step_bytes)}
+        result["read_bandwidth"] = measure_read_bandwidth(step_bytes)
         bandwidth = result["read_bandwidth"]["bytes_per_s"]
         gen["mbu"] = memory_bandwidth_utilization(step_bytes, gen["decode_tokens_per_s"], batch, bandwidth)
         if compare and "decode_tokens_per_s" in result["transformers"]:
