@@ -72,10 +72,11 @@ def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
 
 
 def measure_read_bandwidth(nbytes: float, repeats: int = 10) -> dict[str, float]:
-    """{bytes, bytes_per_s} of summing a float32 array of `nbytes`, the best of `repeats` runs. Sized like the decode step's
-    working set on purpose: how fast bytes arrive depends on which cache level holds them (this VM's L3 is
-    300 MB: ~53 GB/s at 100 MB, ~38 at 1 GiB). Clamped to [16 MiB, 1 GiB]: below, a call's time is mostly its
-    dispatch; above, memory streams at its own rate and a larger array would only risk running out of it."""
+    """{bytes, bytes_per_s} of summing a float32 array of `nbytes`, the best of `repeats` runs. Sized like the
+    decode step's working set on purpose: how fast bytes arrive depends on which cache level holds them (this
+    VM's L3 is 300 MB: ~53 GB/s at 100 MB, ~38 at 1 GiB). Clamped to [16 MiB, 1 GiB]: below, a call's time is
+    mostly its dispatch; above, memory streams at its own rate and a larger array would only risk running out
+    of it."""
     import jax
     import jax.numpy as jnp
 
