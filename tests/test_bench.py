@@ -1,7 +1,7 @@
 """`deepmoe bench` on `tiny`: its JSON holds what the README tables quote, and MFU is the documented formula
 (model FLOPs per token from deepmoe.plan x tokens/s / the better of the two peak measurements); --profile adds
 the per-component breakdown of both timed programs; decode MBU is the documented formula over the bytes the
-planner counts and the cache prefill allocates."""
+planner counts and the cache prefill allocates; --profile also breaks a decode step down."""
 
 import json
 
@@ -47,7 +47,7 @@ def test_bench_decode_mbu(tmp_path, capsys):
     those of the cache prefill really allocates for the prompt plus the new tokens."""
     out = tmp_path / "tiny.json"
     assert bench.main(["--preset", "tiny", "--seq", "16", "--repeats", "1", "--skip", "train", "--new-tokens", "4",
-                       "--json", str(out)]) == 0
+                       "--json", str(out), "--profile"]) == 0
     r = json.loads(out.read_text())
     cfg = preset("tiny", compute_dtype="float32")  # bench's default --dtype; the cache keeps that dtype
     gen, read = r["generate"], r["generate"]["bytes_per_step"]
@@ -58,4 +58,9 @@ def test_bench_decode_mbu(tmp_path, capsys):
     assert r["read_bandwidth"]["bytes"] == min(max(read["total"], 16 * 2**20), 2**30) // 4096 * 4096
     assert r["read_bandwidth"]["bytes_per_s"] > 0
     assert abs(gen["mbu"] - read["total"] * gen["decode_tokens_per_s"] / r["read_bandwidth"]["bytes_per_s"]) < 1e-12
-    assert "MBU" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "MBU" in printed
+    # --profile: the decode step traced too, its components found
+    decode = gen["profile"]
+    assert {"attention", "moe", "mhc"} <= set(decode["components"]) and "profile, decode step:" in printed
+    assert abs(sum(decode["components"].values()) - decode["op_ms_per_run"]) < 1e-6

@@ -20,10 +20,10 @@ Measured, in one process:
 - peak memory: XLA's `memory_analysis()` of each compiled program and the process's peak RSS;
 - with --compare-transformers: transformers' `DeepseekV4ForCausalLM` on the same config (eager attention, float32,
   torch threads = this machine's cores): forward, an AdamW train step, and `generate`, reported as ratios.
-- with --profile: where the forward's and the train step's time goes, per model component (attention, moe, mhc,
-  the layer scan's weight slices, optimizer update; forward and backward apart), from a jax.profiler trace
-  (deepmoe.profile): printed, in the JSON, as a PNG bar chart next to it, and the trace itself for TensorBoard
-  or Perfetto (runs/bench/<name>-trace/).
+- with --profile: where the time of the forward, the train step and a decode step goes, per model component
+  (attention, moe, mhc, the layer scan's weight slices, optimizer update; forward and backward apart), from a
+  jax.profiler trace (deepmoe.profile): printed, in the JSON, as a PNG bar chart next to it, and the trace itself
+  for TensorBoard or Perfetto (runs/bench/<name>-trace/).
 Times are medians over repeats after a warm-up. Writes JSON (default runs/bench/<preset>.json).
 """
 
@@ -44,7 +44,7 @@ from deepmoe.backend.host_memory import keep_host_buffers
 from deepmoe.profile import format_profile, plot_profiles, profile_runs, summary
 
 
-PROFILED = (("forward", "forward"), ("train", "train step"))  # result key, title
+PROFILED = (("forward", "forward"), ("train", "train step"), ("generate", "decode step"))  # result key, title
 
 
 def _median_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -149,7 +149,7 @@ def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None) -> dict[st
     return result
 
 
-def bench_generate(cfg, params, prompt, new_tokens: int) -> dict[str, Any]:
+def bench_generate(cfg, params, prompt, new_tokens: int, trace_dir: str | None = None) -> dict[str, Any]:
     import jax
 
     from deepmoe.infer.generate import generate
@@ -165,8 +165,33 @@ def bench_generate(cfg, params, prompt, new_tokens: int) -> dict[str, Any]:
     prefill = _median_time(lambda: run(1).tokens, 3)
     full = _median_time(lambda: run(new_tokens).tokens, 3)
     decode = max(full - prefill, 1e-9) / (new_tokens - 1)
-    return {"prefill_tokens_per_s": prompt.size / prefill, "decode_tokens_per_s": prompt.shape[0] / decode,
-            "bytes_per_step": decode_step_bytes(cfg, prompt.shape[0], prompt.shape[1] + new_tokens)}
+    result = {"prefill_tokens_per_s": prompt.size / prefill, "decode_tokens_per_s": prompt.shape[0] / decode,
+              "bytes_per_step": decode_step_bytes(cfg, prompt.shape[0], prompt.shape[1] + new_tokens)}
+    if trace_dir:
+        result["profile"] = summary(profile_decode_step(cfg, params, prompt, new_tokens, trace_dir))
+    return result
+
+
+def profile_decode_step(cfg, params, prompt, steps: int, trace_dir: str) -> dict[str, Any]:
+    """Trace `steps` decode steps after `prompt` (its own jitted step, over the same per-layer weights; generate
+    runs that step inside an on-device loop) and break their op time down by model component."""
+    import jax
+    import jax.numpy as jnp
+
+    from deepmoe.infer.decode import decode_step_jit, main_params, prefill_jit
+
+    params = main_params(params)  # as generate: the step's arguments without the MTP module
+    lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
+    state = {"cache": prefill_jit(params, cfg, prompt, lengths, max_len=prompt.shape[1] + steps + 2).cache}
+    token = jnp.zeros((prompt.shape[0],), jnp.int32)
+    text = decode_step_jit.lower(params, cfg, state["cache"], token).compile().as_text()
+
+    def step():  # the cache is donated: keep the returned one
+        logits, state["cache"] = decode_step_jit(params, cfg, state["cache"], token)
+        return logits
+
+    jax.block_until_ready(step())
+    return profile_runs(step, [(text, None)], trace_dir, runs=steps)
 
 
 def decode_step_bytes(cfg, batch: int, max_len: int) -> dict[str, float]:
@@ -237,7 +262,8 @@ def bench_transformers(cfg, ids: np.ndarray, repeats: int, new_tokens: int, skip
 
 def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compare: bool,
               skip: set[str], log: Callable[[str], None] = print, trace_dir: str | None = None) -> dict[str, Any]:
-    """trace_dir: profile the forward and the train step there (`result[part]["profile"]`, deepmoe.profile)."""
+    """trace_dir: profile the forward, the train step and the decode step there (`result[part]["profile"]`,
+    deepmoe.profile)."""
     import jax
 
     import deepmoe as dm
@@ -261,7 +287,7 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
     if "decode" not in skip:
         log("prefill + decode ...")
         result["generate"] = bench_generate(cfg.replace(num_mtp_layers=0), params, ids[:, : min(64, seq)],
-                                            new_tokens)
+                                            new_tokens, trace_dir and os.path.join(trace_dir, "decode"))
     if compare:
         log("transformers ...")
         hf = bench_transformers(cfg, np.asarray(ids), repeats, new_tokens, skip)
@@ -340,8 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-transformers", action="store_true")
     parser.add_argument("--json", metavar="FILE", help="where to write the results (default runs/bench/NAME.json)")
     parser.add_argument("--profile", action="store_true",
-                        help="also trace the forward and the train step and break their time down by model "
-                             "component (printed, in the JSON, NAME-profile.png, trace in NAME-trace/)")
+                        help="also trace the forward, the train step and a decode step and break their time "
+                             "down by model component (printed, in the JSON, NAME-profile.png, trace in "
+                             "NAME-trace/)")
     args = parser.parse_args(argv)
     host_buffers = keep_host_buffers()  # before any JAX op (the deepmoe command has already applied it)
 

@@ -199,22 +199,27 @@ def _plot_order(name: str) -> tuple[int, str]:
 
 
 def plot_profiles(profiles: dict[str, dict[str, Any]], path: str) -> str:
-    """One horizontal stacked bar per profile (`profile_runs` or `summary` output, keyed by title): op time per
-    component, each component's forward and backward in a dark / light pair; written to `path` (PNG)."""
+    """One horizontal stacked bar per profile (`profile_runs` or `summary` output, keyed by title): each
+    component's share of the program's op time, each component's forward and backward in a dark / light pair,
+    the program's op time per run in its label (shares, not ms: a decode step is ~50x shorter than a forward);
+    written to `path` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = sorted({c for p in profiles.values() for c in p["components"]}, key=_plot_order)
-    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.5 * len(profiles)))
+    labels = [f"{title}\n{p['op_ms_per_run']:.1f} ms" for title, p in profiles.items()]
+    totals = [max(p["op_ms_per_run"], 1e-12) for p in profiles.values()]
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(profiles)))
     left = [0.0] * len(profiles)
     colors = plt.get_cmap("tab20").colors
     for name in names:
-        widths = [p["components"].get(name, 0.0) for p in profiles.values()]
-        ax.barh(list(profiles), widths, left=left, label=name, color=colors[_plot_order(name)[0] % len(colors)])
+        widths = [100 * p["components"].get(name, 0.0) / total for p, total in zip(profiles.values(), totals)]
+        ax.barh(labels, widths, left=left, label=name, color=colors[_plot_order(name)[0] % len(colors)])
         left = [a + b for a, b in zip(left, widths)]
-    ax.set_xlabel("op time per run (ms, summed over threads)")
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("share of the program's op time per run (%, summed over threads)")
     ax.invert_yaxis()
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
