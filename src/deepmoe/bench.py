@@ -299,7 +299,8 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
         result["speedup_vs_transformers"] = {k: ours[k] / hf[k] for k in hf if ours.get(k)}
     if "generate" in result:
         log("measuring read bandwidth ...")
-        gen, step_bytes = result["generate"], result["generate"]["bytes_per_step"]["total"]
+        gen = result["generate"]
+        step_bytes = gen["bytes_per_step"]["total"]
         result["read_bandwidth"] = measure_read_bandwidth(step_bytes)
         bandwidth = result["read_bandwidth"]["bytes_per_s"]
         gen["mbu"] = memory_bandwidth_utilization(step_bytes, gen["decode_tokens_per_s"], batch, bandwidth)

@@ -46,7 +46,8 @@ def _one_row_on_cpu(spec: str, operands: tuple[jax.Array, ...]) -> bool:
     and a matrix in a low-precision dtype or of at least _TWO_ROWS_MIN_FP32_ELEMENTS."""
     if len(operands) != 2 or "->" not in spec or "." in spec or jax.default_backend() != "cpu":
         return False
-    (lhs, rhs), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
     row, matrix = operands
     if set(lhs) & set(rhs) & set(out):  # a batched product as two rows ran ~10x slower
         return False
