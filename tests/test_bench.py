@@ -64,3 +64,20 @@ def test_bench_decode_mbu(tmp_path, capsys):
     decode = gen["profile"]
     assert {"attention", "moe", "mhc"} <= set(decode["components"]) and "profile, decode step:" in printed
     assert abs(sum(decode["components"].values()) - decode["op_ms_per_run"]) < 1e-6
+
+
+def test_peak_matmul_size_grows_until_a_product_is_busy():
+    """The peak is measured on a product that takes at least min_seconds: against a cubic time model, a CPU-like
+    machine (2048^3 x 2 FLOPs in ~60 ms) stays at 2048; an accelerator-like one (~800 TFLOP/s) grows to the
+    first side whose product takes 10 ms, or to max_size."""
+    def seconds_at(flops_per_s):
+        return lambda n: 2.0 * n ** 3 / flops_per_s
+
+    assert bench.peak_matmul_size(seconds_at(3e11)) == 2048
+    # 2 * 8192^3 / 8e14 = 1.4 ms < 10 ms, 2 * 16384^3 / 8e14 = 11 ms
+    assert bench.peak_matmul_size(seconds_at(8e14)) == 16384
+    assert bench.peak_matmul_size(seconds_at(8e14), max_size=8192) == 8192
+    assert bench.peak_matmul_size(seconds_at(8e14), min_seconds=1e-3) == 8192
+    sizes = []
+    bench.peak_matmul_size(lambda n: sizes.append(n) or 0.0, max_size=8192)
+    assert sizes == [2048, 4096]  # the cap is never timed

@@ -273,3 +273,25 @@ def test_ablation_balancing_outputs(quick_run):
     speed = variants["aux_free"]["bias_update_speed"]
     assert np.asarray(variants["aux_free"]["bias_abs_mean"])[-1].max() <= speed * QUICK["steps"] + 1e-7
     assert variants["aux_loss"]["balance_weight"] > 0 and variants["none"]["balance_weight"] == 0
+
+
+# ----- train_mfu --------------------------------------------------------------------------------------------
+
+def test_train_mfu_is_the_bench_formula_and_records_the_plan(quick_run):
+    """The quick run (tiny, 2 x 64, bf16, XLA attention): MFU = the planner's model FLOPs per token x tokens/s /
+    the measured bf16 peak; tokens/s = batch x seq / seconds; the plan's parameter bytes = the bytes of the
+    parameters init_params makes."""
+    from deepmoe.plan import PlanOptions, flops_per_token
+
+    out, result = quick_run("train_mfu")
+    _pngs(out, result)
+    assert list(result["variants"]) == ["reference"] and result["settings"]["target_train_mfu"] == 0.35
+    r = result["variants"]["reference"]
+    cfg = dm.preset("tiny")
+    flops = flops_per_token(cfg.replace(num_mtp_layers=0), PlanOptions(mode="train", seq_len=64, remat="none"))
+    peak = r["peak_flops"]["bfloat16"]
+    for part, per_token in (("train", flops["model"]), ("forward", flops["forward"])):
+        assert r[part]["tokens_per_s"] == pytest.approx(2 * 64 / r[part]["seconds"])
+        assert r[part]["mfu"] == pytest.approx(per_token * r[part]["tokens_per_s"] / peak)
+    params = dm.init_params(cfg, jax.random.key(0))
+    assert result["plan"]["memory"]["params"] == sum(x.nbytes for x in jax.tree.leaves(params))

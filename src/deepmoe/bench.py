@@ -1,8 +1,9 @@
 """`deepmoe bench`: speed and memory on this machine, against its measured peak and against transformers.
 
 Measured, in one process:
-- peak matmul FLOP/s (fp32 and bf16 `jnp.dot` of two N x N matrices; the best of several runs, at the start
-  and again at the end);
+- peak matmul FLOP/s (fp32 and bf16 `jnp.dot` of two N x N matrices, N from 2048 doubled until one product
+  takes 10 ms, so that an accelerator is measured busy; the best of several runs, at the start and again at
+  the end);
 - forward tokens/s, train-step tokens/s (AdamW, no MTP loss, like transformers' training; fp32 master params,
   compute in cfg.compute_dtype), compile times; programs compile with deepmoe's XLA options
   (deepmoe.backend.xla_options; DEEPMOE_XLA_OPTIONS=0 for XLA's defaults);
@@ -17,7 +18,8 @@ Measured, in one process:
   the tokens pick, one embedding row per sequence) + the whole decode cache; bandwidth: a float32 sum over a
   working set of the same size, 16 MiB to 1 GiB (`measure_read_bandwidth`). transformers' MBU uses the same
   bytes;
-- peak memory: XLA's `memory_analysis()` of each compiled program and the process's peak RSS;
+- peak memory: XLA's `memory_analysis()` of each compiled program, the process's peak RSS and, on an
+  accelerator, the device's peak bytes in use (`Device.memory_stats()`);
 - with --compare-transformers: transformers' `DeepseekV4ForCausalLM` on the same config (eager attention, float32,
   torch threads = this machine's cores): forward, an AdamW train step, and `generate`, reported as ratios.
 - with --profile: where the time of the forward, the train step and a decode step goes, per model component
@@ -59,14 +61,35 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul in `dtype` (the machine's practical peak for that dtype)."""
+def peak_matmul_size(seconds_at: Callable[[int], float], size: int = 2048, min_seconds: float = 0.01,
+                     max_size: int = 16384) -> int:
+    """The side of the square product the peak is measured on: doubled from `size` until one product takes at
+    least `min_seconds` (`seconds_at(n)`), at most `max_size`. A 2048 product keeps this 2-core CPU busy for
+    ~60 ms, but an H200 finishes it in ~20 us, mostly launch and dispatch, and would report a fraction of its
+    peak (inflating every MFU measured against it)."""
+    while size < max_size and seconds_at(size) < min_seconds:
+        size *= 2
+    return size
+
+
+def measure_peak_flops(dtype: str, size: int | None = None, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul in `dtype` (the machine's practical peak for that dtype); size: the
+    product's side (default `peak_matmul_size`)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(dtype))
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.dtype(dtype))
     matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+
+    def operands(n):
+        return (jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype)),
+                jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype)))
+
+    def seconds_at(n):
+        a, b = operands(n)
+        return _median_time(lambda: matmul(a, b), 1)
+
+    size = size or peak_matmul_size(seconds_at)
+    a, b = operands(size)
     best = min(_median_time(lambda: matmul(a, b), 1) for _ in range(repeats))
     return 2.0 * size ** 3 / best
 
@@ -317,6 +340,9 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
     if "train" in result:
         result["train"]["mfu"] = flops["model"] * result["train"]["tokens_per_s"] / peak
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stats = jax.devices()[0].memory_stats()  # None on CPU
+    if stats:
+        result["device_memory"] = {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
     return result
 
 
@@ -342,6 +368,8 @@ def format_result(r: dict[str, Any]) -> str:
     for key, ratio in r.get("speedup_vs_transformers", {}).items():
         lines.append(f"vs transformers, {key.replace('_tokens_per_s', '')}: {ratio:.2f}x")
     lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
+    if "peak_bytes_in_use" in r.get("device_memory", {}):
+        lines.append(f"device memory: peak {r['device_memory']['peak_bytes_in_use'] / 2**30:.2f} GiB in use")
     for part, title in PROFILED:
         if "profile" in r.get(part, {}):
             lines.append(format_profile(f"profile, {title}", r[part]["profile"]))

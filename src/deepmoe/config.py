@@ -225,11 +225,26 @@ def _mini() -> ModelConfig:
         indexer_topk=32, num_experts=8, experts_per_token=2, expert_hidden_dim=256, num_hash_layers=1)
 
 
-PRESETS = {"tiny": _tiny, "mini": _mini, "small": _small, "v4-flash": _v4_flash, "v4-pro": _v4_pro}
+def _medium() -> ModelConfig:
+    # ~1B parameters (0.34B active): the GPU benchmark size (one accelerator, bf16, sequence 4096), V4-Flash's
+    # layout scaled down: two sliding layers then CSA / HCA alternating, 128-token window, HCA ratio 128,
+    # fine-grained top-6 experts, two hash-routed layers.
+    return ModelConfig(
+        vocab_size=32768, hidden_size=1024, num_layers=16, num_heads=16, head_dim=128, rope_head_dim=64,
+        query_latent_dim=512, output_groups=4, output_group_latent_dim=512,
+        layer_types=_alternating((SLIDING, SLIDING), 16, CSA, HCA), sliding_window=128,
+        csa_compress_ratio=4, hca_compress_ratio=128, indexer_heads=16, indexer_head_dim=128, indexer_topk=512,
+        num_experts=32, experts_per_token=6, expert_hidden_dim=512, num_hash_layers=2,
+        routed_scaling_factor=1.5, num_mtp_layers=1)
+
+
+PRESETS = {"tiny": _tiny, "mini": _mini, "small": _small, "medium": _medium, "v4-flash": _v4_flash,
+           "v4-pro": _v4_pro}
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
-    """A named configuration: tiny, small, v4-flash, v4-pro (fields may be overridden)."""
+    """A named configuration: one of PRESETS (tiny, mini, small, medium, v4-flash, v4-pro); fields may be
+    overridden."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     cfg = PRESETS[name]()

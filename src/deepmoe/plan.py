@@ -50,7 +50,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from deepmoe.config import CSA, HCA, SLIDING, ModelConfig, preset
+from deepmoe.config import CSA, HCA, PRESETS, SLIDING, ModelConfig, preset
 
 GB = 1e9
 HEADROOM = 0.9  # fits when the total stays under 90 % of HBM (XLA scratch, collectives, fragmentation)
@@ -407,7 +407,7 @@ def format_plan(result: dict[str, Any], title: str = "") -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepmoe plan", description="Per-device memory, FLOPs and communication "
                                 "of a model on a mesh, from abstract parameters (no allocation).")
-    p.add_argument("--preset", default="v4-flash", help="tiny | small | v4-flash | v4-pro")
+    p.add_argument("--preset", default="v4-flash", choices=list(PRESETS), help="a preset (deepmoe info)")
     p.add_argument("--config", help="an HF config.json instead of a preset")
     p.add_argument("--mesh", default="data=1", help="e.g. data=4,expert=64,tensor=8 (axes data,fsdp,expert,tensor)")
     p.add_argument("--device", choices=sorted(DEVICES), help="check the fit on this accelerator")

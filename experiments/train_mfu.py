@@ -1,0 +1,121 @@
+"""Train-step MFU of the ~1B `medium` preset on one accelerator, against its measured bf16 peak (the GPU target of
+the performance issue: >= 35 %), with XLA's attention and with the Pallas kernels.
+
+    python experiments/train_mfu.py                      # medium, bf16, batch 4 x seq 4096, both kernel choices
+    python experiments/train_mfu.py --variants reference --batch 2
+    python experiments/train_mfu.py --quick              # tiny, seq 64, XLA attention only: the CPU test run
+
+Each variant is one `deepmoe bench` run (deepmoe.bench.run_bench, decode skipped unless --decode): the bf16 peak
+of a square `jnp.dot` large enough to keep the device busy (bench.peak_matmul_size), then the forward and an
+AdamW train step (fp32 master weights, bf16 compute, no MTP loss), MFU = model FLOPs per token
+(deepmoe.plan.flops_per_token, 3x the forward) x tokens/s / peak. Beside it: compile times, XLA's
+memory_analysis, the device's peak bytes in use, and what `deepmoe plan` predicts for the same run.
+
+Meant for a GPU machine: there, `medium` at batch 4 x 4096 is planned at ~66 GB (fits an H100 or H200). Results
+are written after every variant, so a run cut short keeps what finished. Writes results.json and train_mfu.png
+(MFU per variant against the 35 % line, and tokens/s) under --out.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from deepmoe import experiment as ex
+
+NAME = "train_mfu"
+VARIANTS = ("reference", "pallas")  # ModelConfig.kernels
+TARGET = 0.35
+QUICK = dict(preset="tiny", batch=2, seq=64, variants=["reference"], repeats=1)
+FULL = dict(preset="medium", batch=4, seq=4096, variants=list(VARIANTS), repeats=5)
+
+
+def parse_args(argv: Sequence[str] | None):
+    p = ex.parser(__doc__, NAME, quick_help="tiny, seq 64, XLA attention only (for tests)")
+    p.add_argument("--preset", help="model preset (default medium; quick tiny)")
+    p.add_argument("--batch", type=int, help="sequences per step (default 4; quick 2)")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default 4096; quick 64)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, help="attention kernels to run (default both)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
+    p.add_argument("--repeats", type=int, help="timed steps per measurement (default 5; quick 1)")
+    p.add_argument("--decode", action="store_true", help="also time prefill and decode")
+    return ex.parse(p, argv, QUICK, FULL)
+
+
+def planned(cfg, args) -> dict:
+    """What `deepmoe plan` predicts for this run on one device: memory (bytes) and FLOPs per token."""
+    from deepmoe.plan import PlanOptions, plan
+
+    opts = PlanOptions(mode="train", global_batch=args.batch, seq_len=args.seq, compute_dtype=args.dtype,
+                       optimizer="adamw", remat="none")
+    result = plan(cfg, "data=1", opts=opts)
+    return {"memory": result["memory"], "flops_per_token": result["flops_per_token"]}
+
+
+def run_variant(cfg, kernels: str, args) -> dict:
+    from deepmoe.bench import run_bench
+
+    r = run_bench(cfg.replace(kernels=kernels), batch=args.batch, seq=args.seq, repeats=args.repeats,
+                  new_tokens=16, compare=False, skip=set() if args.decode else {"decode"},
+                  log=lambda msg: print(f"  [{kernels}] {msg}", flush=True))
+    keep = ("peak_flops", "model_flops_per_token", "forward", "train", "generate", "device_memory",
+            "peak_rss_bytes", "backend", "devices")
+    return {k: r[k] for k in keep if k in r}
+
+
+def describe(r: dict, dtype: str) -> str:
+    t, f = r["train"], r["forward"]
+    return (f"train {t['tokens_per_s']:,.0f} tok/s, MFU {100 * t['mfu']:.1f} % (target {100 * TARGET:.0f} %); "
+            f"forward {f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['mfu']:.1f} %; "
+            f"peak {r['peak_flops'][dtype] / 1e12:.1f} TFLOP/s {dtype}")
+
+
+def plot(results: dict, out: Path, title: str, dtype: str) -> list[Path]:
+    import numpy as np
+
+    names = list(results)
+    x = np.arange(len(names))
+    path = out / f"{NAME}.png"
+    with ex.figure(path, 2, figsize=(11, 4.2)) as (fig, axes):
+        for offset, part in ((-0.2, "train"), (0.2, "forward")):
+            bars = axes[0].bar(x + offset, [100 * results[n][part]["mfu"] for n in names], 0.4, label=part)
+            axes[0].bar_label(bars, fmt="%.1f", fontsize=8)
+            bars = axes[1].bar(x + offset, [results[n][part]["tokens_per_s"] for n in names], 0.4, label=part)
+            axes[1].bar_label(bars, fmt="%.0f", fontsize=8)
+        axes[0].axhline(100 * TARGET, color="k", ls="--", lw=1, label=f"target {100 * TARGET:.0f} % (train)")
+        axes[0].set(title=f"MFU of the measured {dtype} peak", ylabel="%")
+        axes[1].set(title="tokens/s", ylabel="tokens/s")
+        for ax in axes:
+            ax.set_xticks(x, names)
+            ax.set_xlabel("attention kernels")
+            ax.legend(fontsize=8)
+        fig.suptitle(title)
+    return [path]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    import deepmoe as dm
+
+    out = ex.output_dir(args)
+    cfg = dm.preset(args.preset).replace(compute_dtype=args.dtype)
+    settings = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
+                "repeats": args.repeats, "target_train_mfu": TARGET}
+    plan_result = planned(cfg, args)
+    print(f"{args.preset} on {jax.devices()[0].device_kind} ({jax.default_backend()}): batch {args.batch} x seq "
+          f"{args.seq}, planned {plan_result['memory']['total'] / 2**20:,.0f} MiB on the device", flush=True)
+    results: dict = {}
+    for kernels in args.variants:  # one at a time, results written after each (a run cut short keeps them)
+        results.update(ex.run_variants([kernels], lambda k: run_variant(cfg, k, args),
+                                       lambda r: describe(r, args.dtype), quick=args.quick))
+        title = f"{args.preset}, batch {args.batch} x {args.seq}, {args.dtype}, {jax.devices()[0].device_kind}"
+        plots = plot(results, out, title, args.dtype)
+        ex.write_results(out, NAME, args.quick, plots, settings=settings, plan=plan_result, variants=results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
