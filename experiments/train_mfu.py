@@ -9,7 +9,9 @@ Each variant is one `deepmoe bench` run (deepmoe.bench.run_bench, decode skipped
 of a square `jnp.dot` large enough to keep the device busy (bench.peak_matmul_size), then the forward and an
 AdamW train step (fp32 master weights, bf16 compute, no MTP loss), MFU = model FLOPs per token
 (deepmoe.plan.flops_per_token, 3x the forward) x tokens/s / peak. Beside it: compile times, XLA's
-memory_analysis, the device's peak bytes in use, and what `deepmoe plan` predicts for the same run.
+memory_analysis, the device's peak bytes in use, and what `deepmoe plan` predicts for the same run. A variant
+that runs out of device memory is retried at half the batch; one that fails otherwise is recorded with its
+error (exit status 1) and the next one still runs.
 
 Meant for a GPU machine: there, `medium` at batch 4 x 4096 is planned at ~66 GB (fits an H100 or H200). Results
 are written after every variant, so a run cut short keeps what finished. Writes results.json and train_mfu.png
@@ -43,38 +45,57 @@ def parse_args(argv: Sequence[str] | None):
     return ex.parse(p, argv, QUICK, FULL)
 
 
-def planned(cfg, args) -> dict:
+def planned(cfg, args, batch: int) -> dict:
     """What `deepmoe plan` predicts for this run on one device: memory (bytes) and FLOPs per token."""
     from deepmoe.plan import PlanOptions, plan
 
-    opts = PlanOptions(mode="train", global_batch=args.batch, seq_len=args.seq, compute_dtype=args.dtype,
+    opts = PlanOptions(mode="train", global_batch=batch, seq_len=args.seq, compute_dtype=args.dtype,
                        optimizer="adamw", remat="none")
     result = plan(cfg, "data=1", opts=opts)
     return {"memory": result["memory"], "flops_per_token": result["flops_per_token"]}
 
 
-def run_variant(cfg, kernels: str, args) -> dict:
+def out_of_memory(err: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
+
+
+def run_variant(cfg, kernels: str, args, bench=None) -> dict:
+    """One bench run with these attention kernels. Out of device memory, it tries again at half the batch (down
+    to 1): one call of a rationed accelerator still measures something. Any other failure is recorded as
+    {"error": ...}, so the other variant still runs."""
     from deepmoe.bench import run_bench
 
-    r = run_bench(cfg.replace(kernels=kernels), batch=args.batch, seq=args.seq, repeats=args.repeats,
-                  new_tokens=16, compare=False, skip=set() if args.decode else {"decode"},
-                  log=lambda msg: print(f"  [{kernels}] {msg}", flush=True))
-    keep = ("peak_flops", "model_flops_per_token", "forward", "train", "generate", "device_memory",
-            "peak_rss_bytes", "backend", "devices")
-    return {k: r[k] for k in keep if k in r}
+    bench = bench or run_bench
+    batch = args.batch
+    while True:
+        try:
+            r = bench(cfg.replace(kernels=kernels), batch=batch, seq=args.seq, repeats=args.repeats,
+                      new_tokens=16, compare=False, skip=set() if args.decode else {"decode"},
+                      log=lambda msg: print(f"  [{kernels}] {msg}", flush=True))
+        except Exception as err:  # noqa: BLE001 - recorded in results.json, the run goes on
+            if out_of_memory(err) and batch > 1:
+                print(f"  [{kernels}] batch {batch} ran out of device memory; trying {batch // 2}", flush=True)
+                batch //= 2
+                continue
+            return {"batch": batch, "error": f"{type(err).__name__}: {str(err).strip()[:2000]}"}
+        keep = ("peak_flops", "model_flops_per_token", "forward", "train", "generate", "device_memory",
+                "peak_rss_bytes", "backend", "devices")
+        return {"batch": batch, "plan": planned(cfg, args, batch), **{k: r[k] for k in keep if k in r}}
 
 
 def describe(r: dict, dtype: str) -> str:
+    if "error" in r:
+        return f"failed at batch {r['batch']}: {r['error'].splitlines()[0][:200]}"
     t, f = r["train"], r["forward"]
-    return (f"train {t['tokens_per_s']:,.0f} tok/s, MFU {100 * t['mfu']:.1f} % (target {100 * TARGET:.0f} %); "
-            f"forward {f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['mfu']:.1f} %; "
+    return (f"batch {r['batch']}: train {t['tokens_per_s']:,.0f} tok/s, MFU {100 * t['mfu']:.1f} % (target "
+            f"{100 * TARGET:.0f} %); forward {f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['mfu']:.1f} %; "
             f"peak {r['peak_flops'][dtype] / 1e12:.1f} TFLOP/s {dtype}")
 
 
 def plot(results: dict, out: Path, title: str, dtype: str) -> list[Path]:
     import numpy as np
 
-    names = list(results)
+    names = [n for n, r in results.items() if "error" not in r]
     x = np.arange(len(names))
     path = out / f"{NAME}.png"
     with ex.figure(path, 2, figsize=(11, 4.2)) as (fig, axes):
@@ -87,7 +108,7 @@ def plot(results: dict, out: Path, title: str, dtype: str) -> list[Path]:
         axes[0].set(title=f"MFU of the measured {dtype} peak", ylabel="%")
         axes[1].set(title="tokens/s", ylabel="tokens/s")
         for ax in axes:
-            ax.set_xticks(x, names)
+            ax.set_xticks(x, [f"{n}\nbatch {results[n]['batch']}" for n in names])
             ax.set_xlabel("attention kernels")
             ax.legend(fontsize=8)
         fig.suptitle(title)
@@ -104,17 +125,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = dm.preset(args.preset).replace(compute_dtype=args.dtype)
     settings = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
                 "repeats": args.repeats, "target_train_mfu": TARGET}
-    plan_result = planned(cfg, args)
-    print(f"{args.preset} on {jax.devices()[0].device_kind} ({jax.default_backend()}): batch {args.batch} x seq "
-          f"{args.seq}, planned {plan_result['memory']['total'] / 2**20:,.0f} MiB on the device", flush=True)
+    device = jax.devices()[0].device_kind
+    planned_bytes = planned(cfg, args, args.batch)["memory"]["total"]
+    print(f"{args.preset} on {device} ({jax.default_backend()}): batch {args.batch} x seq {args.seq}, planned "
+          f"{planned_bytes / 2**20:,.0f} MiB on the device", flush=True)
     results: dict = {}
     for kernels in args.variants:  # one at a time, results written after each (a run cut short keeps them)
         results.update(ex.run_variants([kernels], lambda k: run_variant(cfg, k, args),
                                        lambda r: describe(r, args.dtype), quick=args.quick))
-        title = f"{args.preset}, batch {args.batch} x {args.seq}, {args.dtype}, {jax.devices()[0].device_kind}"
-        plots = plot(results, out, title, args.dtype)
-        ex.write_results(out, NAME, args.quick, plots, settings=settings, plan=plan_result, variants=results)
-    return 0
+        plots = plot(results, out, f"{args.preset}, seq {args.seq}, {args.dtype}, {device}", args.dtype)
+        ex.write_results(out, NAME, args.quick, plots, settings=settings, variants=results)
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 if __name__ == "__main__":

@@ -293,5 +293,31 @@ def test_train_mfu_is_the_bench_formula_and_records_the_plan(quick_run):
     for part, per_token in (("train", flops["model"]), ("forward", flops["forward"])):
         assert r[part]["tokens_per_s"] == pytest.approx(2 * 64 / r[part]["seconds"])
         assert r[part]["mfu"] == pytest.approx(per_token * r[part]["tokens_per_s"] / peak)
+    assert r["batch"] == 2
     params = dm.init_params(cfg, jax.random.key(0))
-    assert result["plan"]["memory"]["params"] == sum(x.nbytes for x in jax.tree.leaves(params))
+    assert r["plan"]["memory"]["params"] == sum(x.nbytes for x in jax.tree.leaves(params))
+
+
+def test_train_mfu_halves_the_batch_when_the_device_runs_out_of_memory():
+    """A stand-in bench that runs out of memory above batch 2: the variant is measured at 2 after 8 and 4 fail;
+    any other error is recorded (with the batch it happened at) instead of stopping the other variants."""
+    module = _load("train_mfu")
+    args = module.parse_args(["--quick", "--batch", "8"])
+    tried = []
+
+    def bench(cfg, *, batch, **_):
+        tried.append((cfg.kernels, batch))
+        if batch > 2:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
+        return {"train": {"mfu": 0.4}, "forward": {"mfu": 0.5}, "peak_flops": {"bfloat16": 1.0}}
+
+    r = module.run_variant(dm.preset("tiny"), "reference", args, bench=bench)
+    assert tried == [("reference", 8), ("reference", 4), ("reference", 2)]
+    assert r["batch"] == 2 and r["train"] == {"mfu": 0.4} and "error" not in r
+    assert r["plan"]["memory"]["total"] < module.planned(dm.preset("tiny"), args, 8)["memory"]["total"]
+
+    def broken(cfg, *, batch, **_):
+        raise ValueError("the pallas lowering failed")
+
+    r = module.run_variant(dm.preset("tiny"), "pallas", args, bench=broken)
+    assert r == {"batch": 8, "error": "ValueError: the pallas lowering failed"}
