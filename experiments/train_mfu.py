@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from deepmoe import experiment as ex
+from deepmoe.config import PRESETS
 
 NAME = "train_mfu"
 VARIANTS = ("reference", "pallas")  # ModelConfig.kernels
@@ -35,7 +36,7 @@ FULL = dict(preset="medium", batch=4, seq=4096, variants=list(VARIANTS), repeats
 
 def parse_args(argv: Sequence[str] | None):
     p = ex.parser(__doc__, NAME, quick_help="tiny, seq 64, XLA attention only (for tests)")
-    p.add_argument("--preset", help="model preset (default medium; quick tiny)")
+    p.add_argument("--preset", choices=list(PRESETS), help="model preset (default medium; quick tiny)")
     p.add_argument("--batch", type=int, help="sequences per step (default 4; quick 2)")
     p.add_argument("--seq", type=int, help="tokens per sequence (default 4096; quick 64)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, help="attention kernels to run (default both)")
@@ -121,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import deepmoe as dm
 
+    if jax.default_backend() == "cpu" and args.preset == "medium":
+        print("train_mfu: `medium` is the accelerator benchmark (a train step of 16k tokens would take minutes on "
+              "a CPU); use --quick, or another --preset with --batch / --seq to run it here", file=sys.stderr)
+        return 2
     out = ex.output_dir(args)
     cfg = dm.preset(args.preset).replace(compute_dtype=args.dtype)
     settings = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,

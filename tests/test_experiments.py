@@ -321,3 +321,8 @@ def test_train_mfu_halves_the_batch_when_the_device_runs_out_of_memory():
 
     r = module.run_variant(dm.preset("tiny"), "pallas", args, bench=broken)
     assert r == {"batch": 8, "error": "ValueError: the pallas lowering failed"}
+
+
+def test_train_mfu_refuses_the_accelerator_benchmark_on_cpu(tmp_path, capsys):
+    assert _load("train_mfu").main(["--out", str(tmp_path)]) == 2
+    assert "accelerator benchmark" in capsys.readouterr().err and not any(tmp_path.iterdir())
