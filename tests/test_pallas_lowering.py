@@ -1,7 +1,8 @@
 """Every Pallas kernel (forward and backward) lowers for GPU through Triton, checked on a CPU-only host.
 
 Lowering runs the Pallas -> Triton-IR translation in Python (block shapes, indexing, dot operands, atomics);
-compiling that IR to PTX needs a GPU and is not covered here.
+compiling that IR to PTX needs a GPU and is not covered here. The target is named as an abstract H100: from jax
+0.11 the Triton lowering asks the device for its compute capability, and a CPU host has none to give.
 """
 
 import os
@@ -55,11 +56,15 @@ def _cases(shape):
     }
 
 
+GPU_TARGET = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=jax.sharding.AbstractDevice(
+    device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"))
+
+
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("name", list(_cases("odd")))
 def test_lowers_to_triton(name, shape):
     f, args = _cases(shape)[name]
-    with pk.target_platform("gpu"):
+    with pk.target_platform("gpu"), jax.sharding.use_abstract_mesh(GPU_TARGET):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text and "mosaic_gpu" not in text
 
