@@ -1,7 +1,8 @@
 """`deepmoe bench` on `tiny`: its JSON holds what the README tables quote, and MFU is the documented formula
 (model FLOPs per token from deepmoe.plan x tokens/s / the better of the two peak measurements); --profile adds
 the per-component breakdown of both timed programs; decode MBU is the documented formula over the bytes the
-planner counts and the cache prefill allocates; --profile also breaks a decode step down."""
+planner counts and the cache prefill allocates; --profile also breaks a decode step down; --compare-transformers
+times transformers in alternation with us and reports the median of the rounds' time ratios."""
 
 import json
 
@@ -16,10 +17,28 @@ from deepmoe.plan import PlanOptions, decode_weight_bytes, flops_per_token
 from deepmoe.train.step import TrainConfig, layers_scanned
 
 
+def _assert_paired_speedups(r, tokens_per_run):
+    """--compare-transformers: each part's speedup is the median over rounds of transformers' time / ours in the
+    same round, its tokens/s the tokens of a run / the median time; the summary quotes them."""
+    parts = {"forward": r["forward"], "train": r.get("train"), "prefill": r.get("generate", {}).get("prefill"),
+             "decode": r.get("generate", {}).get("decode")}
+    assert set(r["speedup_vs_transformers"]) == {f"{p}_tokens_per_s" for p in tokens_per_run}
+    for part, tokens in tokens_per_run.items():
+        ours = parts[part]
+        theirs = r["forward"]["transformers"] if part == "forward" else (
+            r["train"]["transformers"] if part == "train" else r["generate"]["transformers"][part])
+        assert len(ours["seconds_each"]) == len(theirs["seconds_each"]) == 2
+        ratios = np.array(theirs["seconds_each"]) / np.array(ours["seconds_each"])
+        np.testing.assert_allclose(theirs["speedup_each"], ratios, rtol=1e-12)
+        np.testing.assert_allclose(r["speedup_vs_transformers"][f"{part}_tokens_per_s"], np.median(ratios), rtol=1e-12)
+        np.testing.assert_allclose(r["transformers"][f"{part}_tokens_per_s"],
+                                   tokens / np.median(theirs["seconds_each"]), rtol=1e-12)
+
+
 def test_bench_json_and_mfu_formula(tmp_path, capsys):
     out = tmp_path / "tiny.json"
-    assert bench.main(["--preset", "tiny", "--seq", "32", "--repeats", "1", "--skip", "decode",
-                       "--json", str(out), "--profile"]) == 0
+    assert bench.main(["--preset", "tiny", "--seq", "32", "--repeats", "2", "--skip", "decode",
+                       "--json", str(out), "--profile", "--compare-transformers"]) == 0
     r = json.loads(out.read_text())
     flops = flops_per_token(preset("tiny").replace(num_mtp_layers=0),
                             PlanOptions(mode="train", seq_len=32, remat="none"))
@@ -27,7 +46,8 @@ def test_bench_json_and_mfu_formula(tmp_path, capsys):
     assert peak >= r["peak_flops_first_measurement"]["float32"] > 0
     assert abs(r["forward"]["mfu"] - flops["forward"] * r["forward"]["tokens_per_s"] / peak) < 1e-12
     assert abs(r["train"]["mfu"] - flops["model"] * r["train"]["tokens_per_s"] / peak) < 1e-12
-    assert r["forward"]["tokens_per_s"] == 32 / r["forward"]["seconds"]
+    assert r["forward"]["tokens_per_s"] == 32 / r["forward"]["seconds"] == 32 / np.median(r["forward"]["seconds_each"])
+    _assert_paired_speedups(r, {"forward": 32, "train": 32})
     # the forward runs over the layout the train step picks for this model
     assert r["forward"]["layout"] == ("segments" if layers_scanned(preset("tiny"), TrainConfig()) else "layers")
     assert r["host_buffers"] == "on" or "already started" in r["host_buffers"]  # conftest applied it first
@@ -46,8 +66,8 @@ def test_bench_decode_mbu(tmp_path, capsys):
     """Decode MBU = (weights + cache a step reads) x steps/s / the measured read bandwidth; the cache bytes are
     those of the cache prefill really allocates for the prompt plus the new tokens."""
     out = tmp_path / "tiny.json"
-    assert bench.main(["--preset", "tiny", "--seq", "16", "--repeats", "1", "--skip", "train", "--new-tokens", "4",
-                       "--json", str(out), "--profile"]) == 0
+    assert bench.main(["--preset", "tiny", "--seq", "16", "--repeats", "2", "--skip", "train", "--new-tokens", "4",
+                       "--json", str(out), "--profile", "--compare-transformers"]) == 0
     r = json.loads(out.read_text())
     cfg = preset("tiny", compute_dtype="float32")  # bench's default --dtype; the cache keeps that dtype
     gen, read = r["generate"], r["generate"]["bytes_per_step"]
@@ -58,12 +78,41 @@ def test_bench_decode_mbu(tmp_path, capsys):
     assert r["read_bandwidth"]["bytes"] == min(max(read["total"], 16 * 2**20), 2**30) // 4096 * 4096
     assert r["read_bandwidth"]["bytes_per_s"] > 0
     assert abs(gen["mbu"] - read["total"] * gen["decode_tokens_per_s"] / r["read_bandwidth"]["bytes_per_s"]) < 1e-12
+    hf_mbu = read["total"] * r["transformers"]["decode_tokens_per_s"] / r["read_bandwidth"]["bytes_per_s"]
+    assert abs(r["transformers"]["decode_mbu"] - hf_mbu) < 1e-12
+    _assert_paired_speedups(r, {"forward": 16, "prefill": 16, "decode": 1})
     printed = capsys.readouterr().out
     assert "MBU" in printed
     # --profile: the decode step traced too, its components found
     decode = gen["profile"]
     assert {"attention", "moe", "mhc"} <= set(decode["components"]) and "profile, decode step:" in printed
     assert abs(sum(decode["components"].values()) - decode["op_ms_per_run"]) < 1e-6
+
+
+def test_interleaved_times_pair_each_round():
+    """On a machine whose speed changes between rounds (busy spells), runs timed in alternation see the same
+    spell: every round's ratio is the true cost ratio (3), where medians of separate blocks of runs would not be.
+    A pause precedes each timed call (none in the warm-up), none with a single run."""
+    slowdown = iter([1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 1.5, 1.5, 4.0, 4.0])  # per call: warm-ups, then per round
+    clock, calls, pauses = [0.0], [], []
+
+    def run(name, cost):
+        def call():
+            calls.append(name)
+            clock[0] += cost * next(slowdown)
+        return call
+
+    times = bench.interleaved_times({"ours": run("ours", 1.0), "theirs": run("theirs", 3.0)}, repeats=4,
+                                    clock=lambda: clock[0], sleep=pauses.append)
+    assert calls == ["ours", "theirs"] + ["ours", "theirs"] * 4
+    assert times == {"ours": [1.0, 2.0, 1.5, 4.0], "theirs": [3.0, 6.0, 4.5, 12.0]}
+    assert pauses == [0.05] * 8
+    versus = bench._versus(times["ours"], times["theirs"], work=10)
+    assert versus["speedup_each"] == [3.0] * 4 and versus["speedup"] == 3.0
+    assert versus["tokens_per_s"] == 10 / np.median([3.0, 6.0, 4.5, 12.0])
+    pauses.clear()
+    alone = bench.interleaved_times({"ours": lambda: None}, repeats=3, sleep=pauses.append)
+    assert len(alone["ours"]) == 3 and pauses == [0.0] * 3
 
 
 def test_peak_matmul_size_grows_until_a_product_is_busy():

@@ -21,12 +21,15 @@ Measured, in one process:
 - peak memory: XLA's `memory_analysis()` of each compiled program, the process's peak RSS and, on an
   accelerator, the device's peak bytes in use (`Device.memory_stats()`);
 - with --compare-transformers: transformers' `DeepseekV4ForCausalLM` on the same config (eager attention, float32,
-  torch threads = this machine's cores): forward, an AdamW train step, and `generate`, reported as ratios.
+  torch threads = this machine's cores): forward, an AdamW train step, and `generate`, each timed in alternation
+  with ours (`interleaved_times`: round after round, one run of each), reported as speedups: the median over
+  rounds of their time / ours in the same round (each round's ratio in the JSON, their range printed).
 - with --profile: where the time of the forward, the train step and a decode step goes, per model component
   (attention, moe, mhc, the layer scan's weight slices, optimizer update; forward and backward apart), from a
   jax.profiler trace (deepmoe.profile): printed, in the JSON, as a PNG bar chart next to it, and the trace itself
   for TensorBoard or Perfetto (runs/bench/<name>-trace/).
-Times are medians over repeats after a warm-up. Writes JSON (default runs/bench/<preset>.json).
+Times are medians over repeats after a warm-up; each repeat's time is in the JSON (`seconds_each`) and their
+spread is printed (a busy machine shows it). Writes JSON (default runs/bench/<preset>.json).
 """
 
 from __future__ import annotations
@@ -60,6 +63,54 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def interleaved_times(runs: dict[str, Callable[[], Any]], repeats: int, pause_s: float = 0.05,
+                      clock: Callable[[], float] = time.perf_counter,
+                      sleep: Callable[[float], None] = time.sleep) -> dict[str, list[float]]:
+    """Seconds of each of `runs` (callables that return once their work is done), `repeats` times each: one
+    warm-up call of each, then rounds that call every run once, in turn. With deepmoe and transformers
+    alternating like this a busy spell of a shared machine falls on both (seen on this 2-core VM: the same
+    product at 141-215 GFLOP/s in processes a minute apart), so the ratio of a round's two times stays honest
+    where two medians measured minutes apart need not. With more than one run a pause precedes each call: the
+    other runtime's worker threads (torch's OpenMP team, XLA's pool) spin for a while after their work, and a
+    run started at once competed with them (~3 % slower here, either way round)."""
+    for run in runs.values():
+        run()
+    pause = pause_s if len(runs) > 1 else 0.0
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sleep(pause)
+            start = clock()
+            run()
+            times[name].append(clock() - start)
+    return times
+
+
+def _rival(run: Callable[[], Any] | None) -> dict[str, Callable[[], Any]]:
+    return {"transformers": run} if run else {}
+
+
+def _timing(seconds: list[float], work: float) -> dict[str, Any]:
+    """JSON of one timed run: median seconds, each repeat's, and `work` (tokens) per median second."""
+    median = statistics.median(seconds)
+    return {"seconds": median, "seconds_each": seconds, "tokens_per_s": work / median}
+
+
+def _versus(ours: list[float], theirs: list[float], work: float) -> dict[str, Any]:
+    """transformers' timing of a part and our speedup over it: the median over rounds of their seconds / ours
+    in the same round (`interleaved_times`), and each round's."""
+    each = [t / o for o, t in zip(ours, theirs, strict=True)]
+    return {**_timing(theirs, work), "speedup": statistics.median(each), "speedup_each": each}
+
+
+def versus_transformers(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{part: transformers' timing and our speedup} for the parts `run_bench` compared (forward, train, prefill,
+    decode)."""
+    return {**({"forward": result["forward"]["transformers"]} if "transformers" in result["forward"] else {}),
+            **({"train": result["train"]["transformers"]} if "transformers" in result.get("train", {}) else {}),
+            **result.get("generate", {}).get("transformers", {})}
 
 
 def peak_matmul_size(seconds_at: Callable[[int], float], size: int = 2048, min_seconds: float = 0.01,
@@ -121,7 +172,11 @@ def _memory(compiled) -> dict[str, int]:
                                                    "output_size_in_bytes") if hasattr(analysis, k)}
 
 
-def bench_forward(cfg, params, ids, repeats: int, trace_dir: str | None = None) -> dict[str, Any]:
+def bench_forward(cfg, params, ids, repeats: int, trace_dir: str | None = None,
+                  rival: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """rival: transformers' forward on the same ids, timed in alternation with ours (`result["transformers"]`)."""
+    import jax
+
     import deepmoe as dm
     from deepmoe.backend import xla_options
     from deepmoe.train.step import TrainConfig, training_layout
@@ -133,16 +188,21 @@ def bench_forward(cfg, params, ids, repeats: int, trace_dir: str | None = None) 
     start = time.perf_counter()
     compiled = fn.lower(params, ids).compile()
     compile_s = time.perf_counter() - start
-    seconds = _median_time(lambda: compiled(params, ids), repeats)
-    result = {"compile_s": compile_s, "seconds": seconds, "tokens_per_s": ids.size / seconds,
-              "memory": _memory(compiled), "layout": "layers" if "layers" in params else "segments"}
+    runs = {"deepmoe": lambda: jax.block_until_ready(compiled(params, ids)), **_rival(rival)}
+    times = interleaved_times(runs, repeats)
+    result = {"compile_s": compile_s, **_timing(times["deepmoe"], ids.size), "memory": _memory(compiled),
+              "layout": "layers" if "layers" in params else "segments"}
+    if rival:
+        result["transformers"] = _versus(times["deepmoe"], times["transformers"], ids.size)
     if trace_dir:
         result["profile"] = summary(profile_runs(lambda: compiled(params, ids), [(compiled.as_text(), None)],
                                                  trace_dir))
     return result
 
 
-def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None) -> dict[str, Any]:
+def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None,
+                rival: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """rival: transformers' AdamW step on the same ids, timed in alternation with ours."""
     import jax
 
     from deepmoe import train
@@ -161,10 +221,12 @@ def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None) -> dict[st
     def run():
         nonlocal state
         state, metrics = step(state, batch)
-        return metrics
+        return jax.block_until_ready(metrics)
 
-    seconds = _median_time(run, repeats)
-    result = {"compile_plus_first_step_s": compile_s, "seconds": seconds, "tokens_per_s": ids.size / seconds}
+    times = interleaved_times({"deepmoe": run, **_rival(rival)}, repeats)
+    result = {"compile_plus_first_step_s": compile_s, **_timing(times["deepmoe"], ids.size)}
+    if rival:
+        result["transformers"] = _versus(times["deepmoe"], times["transformers"], ids.size)
     if trace_dir:  # the step's two programs (deepmoe.train.step.TrainStep), compiled again only for their HLO
         grads, stats = step.gradients(state.params, state.step, batch)
         programs = [(step.gradients.lower(state.params, state.step, batch).compile().as_text(), None),
@@ -174,7 +236,10 @@ def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None) -> dict[st
     return result
 
 
-def bench_generate(cfg, params, prompt, new_tokens: int, trace_dir: str | None = None) -> dict[str, Any]:
+def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir: str | None = None,
+                   rival: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Prefill: a generate of one token; decode: (a generate of `new_tokens` - that) / (new_tokens - 1), per
+    round. rival(n): transformers' generate of n tokens after the same prompt, timed in alternation with ours."""
     import jax
 
     from deepmoe.infer.generate import generate
@@ -183,15 +248,27 @@ def bench_generate(cfg, params, prompt, new_tokens: int, trace_dir: str | None =
     params = unstack_layers(params, cfg)  # once, as a server would; generate would copy at every call
 
     def run(n):
-        return generate(params, cfg, prompt, max_new_tokens=n, stop_tokens=())
+        return jax.block_until_ready(generate(params, cfg, prompt, max_new_tokens=n, stop_tokens=()).tokens)
 
-    jax.block_until_ready(run(1).tokens)  # compile prefill + decode
-    jax.block_until_ready(run(new_tokens).tokens)
-    prefill = _median_time(lambda: run(1).tokens, 3)
-    full = _median_time(lambda: run(new_tokens).tokens, 3)
-    decode = max(full - prefill, 1e-9) / (new_tokens - 1)
-    result = {"prefill_tokens_per_s": prompt.size / prefill, "decode_tokens_per_s": prompt.shape[0] / decode,
+    run(1)  # compile prefill + decode (interleaved_times' warm-up then runs each once more)
+    runs = {"deepmoe prefill": lambda: run(1), "deepmoe generate": lambda: run(new_tokens)}
+    if rival:
+        runs.update({"transformers prefill": lambda: rival(1), "transformers generate": lambda: rival(new_tokens)})
+    times = interleaved_times(runs, repeats)
+
+    def decode_seconds(who):  # per round: a decode step's seconds
+        return [max(full - one, 1e-9) / (new_tokens - 1)
+                for one, full in zip(times[f"{who} prefill"], times[f"{who} generate"])]
+
+    result = {"prefill": _timing(times["deepmoe prefill"], prompt.size),
+              "decode": _timing(decode_seconds("deepmoe"), prompt.shape[0]),
               "bytes_per_step": decode_step_bytes(cfg, prompt.shape[0], prompt.shape[1] + new_tokens)}
+    result["prefill_tokens_per_s"] = result["prefill"]["tokens_per_s"]
+    result["decode_tokens_per_s"] = result["decode"]["tokens_per_s"]
+    if rival:
+        result["transformers"] = {
+            "prefill": _versus(times["deepmoe prefill"], times["transformers prefill"], prompt.size),
+            "decode": _versus(decode_seconds("deepmoe"), decode_seconds("transformers"), prompt.shape[0])}
     if trace_dir:
         result["profile"] = summary(profile_decode_step(cfg, params, prompt, new_tokens, trace_dir))
     return result
@@ -235,7 +312,11 @@ def memory_bandwidth_utilization(step_bytes: float, tokens_per_s: float, batch: 
     return step_bytes * tokens_per_s / batch / bandwidth
 
 
-def bench_transformers(cfg, ids: np.ndarray, repeats: int, new_tokens: int, skip: set[str]) -> dict[str, Any]:
+def transformers_runs(cfg, ids: np.ndarray) -> dict[str, Callable]:
+    """transformers' `DeepseekV4ForCausalLM` on the same config (eager attention, float32, torch threads = this
+    machine's cores) as runs for `interleaved_times`: "forward" (no grad), "train" (an AdamW step on the
+    next-token loss) and "generate"(n) (greedy, n new tokens after the first min(64, T) ids, as ours). Each
+    run puts the model in its own mode, as the parts alternate with deepmoe's, not with each other."""
     import torch
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
@@ -246,43 +327,28 @@ def bench_transformers(cfg, ids: np.ndarray, repeats: int, new_tokens: int, skip
     hf_cfg._attn_implementation = "eager"
     model = DeepseekV4ForCausalLM(hf_cfg).float()
     x = torch.as_tensor(np.array(ids), dtype=torch.long)
+    prompt = x[:, : min(64, x.shape[1])]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def timed(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    out: dict[str, Any] = {}
-    model.eval()
-    with torch.no_grad():
-        out["forward_tokens_per_s"] = ids.size / timed(lambda: model(input_ids=x, use_cache=False))
-    if "train" not in skip:
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def train_step():
-            optimizer.zero_grad()
-            logits = model(input_ids=x, use_cache=False).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                     x[:, 1:].reshape(-1))
-            loss.backward()
-            optimizer.step()
-
-        out["train_tokens_per_s"] = ids.size / timed(train_step)
-    if "decode" not in skip:
+    def forward():
         model.eval()
-        prompt = x[:, : min(64, x.shape[1])]
         with torch.no_grad():
-            one = timed(lambda: model.generate(prompt, max_new_tokens=1, do_sample=False, min_new_tokens=1))
-            full = timed(lambda: model.generate(prompt, max_new_tokens=new_tokens, do_sample=False,
-                                                min_new_tokens=new_tokens))
-        out["prefill_tokens_per_s"] = prompt.numel() / one
-        out["decode_tokens_per_s"] = prompt.shape[0] / (max(full - one, 1e-9) / (new_tokens - 1))
-    return out
+            return model(input_ids=x, use_cache=False)
+
+    def train_step():
+        model.train()
+        optimizer.zero_grad()
+        logits = model(input_ids=x, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        loss.backward()
+        optimizer.step()
+
+    def generate(n):
+        model.eval()
+        with torch.no_grad():
+            return model.generate(prompt, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+
+    return {"forward": forward, "train": train_step, "generate": generate}
 
 
 def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compare: bool,
@@ -304,24 +370,26 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
     params = dm.init_params(cfg, jax.random.key(0))
     ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
 
+    rivals: dict[str, Callable] = {}
+    if compare:
+        log("building transformers' model (timed in alternation with deepmoe's programs) ...")
+        rivals = transformers_runs(cfg, np.asarray(ids))
     log("forward ...")
-    result["forward"] = bench_forward(cfg, params, ids, repeats, trace_dir and os.path.join(trace_dir, "forward"))
+    result["forward"] = bench_forward(cfg, params, ids, repeats, trace_dir and os.path.join(trace_dir, "forward"),
+                                      rival=rivals.get("forward"))
     if "train" not in skip:
         log("train step ...")
-        result["train"] = bench_train(cfg, ids, repeats, trace_dir and os.path.join(trace_dir, "train"))
+        result["train"] = bench_train(cfg, ids, repeats, trace_dir and os.path.join(trace_dir, "train"),
+                                      rival=rivals.get("train"))
     if "decode" not in skip:
         log("prefill + decode ...")
         result["generate"] = bench_generate(cfg.replace(num_mtp_layers=0), params, ids[:, : min(64, seq)],
-                                            new_tokens, trace_dir and os.path.join(trace_dir, "decode"))
-    if compare:
-        log("transformers ...")
-        hf = bench_transformers(cfg, np.asarray(ids), repeats, new_tokens, skip)
-        result["transformers"] = hf
-        ours = {"forward_tokens_per_s": result["forward"]["tokens_per_s"],
-                "train_tokens_per_s": result.get("train", {}).get("tokens_per_s"),
-                "prefill_tokens_per_s": result.get("generate", {}).get("prefill_tokens_per_s"),
-                "decode_tokens_per_s": result.get("generate", {}).get("decode_tokens_per_s")}
-        result["speedup_vs_transformers"] = {k: ours[k] / hf[k] for k in hf if ours.get(k)}
+                                            new_tokens, repeats, trace_dir and os.path.join(trace_dir, "decode"),
+                                            rival=rivals.get("generate"))
+    if compare:  # the summary the README quotes: transformers' tokens/s and our paired speedups
+        versus = versus_transformers(result)
+        result["transformers"] = {f"{part}_tokens_per_s": v["tokens_per_s"] for part, v in versus.items()}
+        result["speedup_vs_transformers"] = {f"{part}_tokens_per_s": v["speedup"] for part, v in versus.items()}
     if "generate" in result:
         log("measuring read bandwidth ...")
         gen = result["generate"]
@@ -348,27 +416,37 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
     return result
 
 
+def _spread(timing: dict[str, Any]) -> str:
+    """How far a part's repeats spread, as a share of their median: large on a busy machine."""
+    each = timing["seconds_each"]
+    return f"{len(each)} runs within {100 * (max(each) - min(each)) / timing['seconds']:.0f}%"
+
+
 def format_result(r: dict[str, Any]) -> str:
     lines = [f"backend {r['backend']} ({r['cpu_count']} cores), batch {r['batch']} x seq {r['seq']}",
              f"peak matmul: fp32 {r['peak_flops']['float32'] / 1e9:.1f} GFLOP/s, "
              f"bf16 {r['peak_flops']['bfloat16'] / 1e9:.1f} GFLOP/s"]
     f = r["forward"]
-    lines.append(f"forward: {f['tokens_per_s']:.0f} tok/s, MFU {100 * f['mfu']:.1f}%, compile {f['compile_s']:.1f}s, "
-                 f"temp memory {f['memory'].get('temp_size_in_bytes', 0) / 2**20:.1f} MiB, params as {f['layout']}")
+    lines.append(f"forward: {f['tokens_per_s']:.0f} tok/s ({_spread(f)}), MFU {100 * f['mfu']:.1f}%, "
+                 f"compile {f['compile_s']:.1f}s, temp memory {f['memory'].get('temp_size_in_bytes', 0) / 2**20:.1f} "
+                 f"MiB, params as {f['layout']}")
     if "train" in r:
         t = r["train"]
-        lines.append(f"train step: {t['tokens_per_s']:.0f} tok/s, MFU {100 * t['mfu']:.1f}%")
+        lines.append(f"train step: {t['tokens_per_s']:.0f} tok/s ({_spread(t)}), MFU {100 * t['mfu']:.1f}%")
     if "generate" in r:
         g = r["generate"]
-        lines.append(f"prefill {g['prefill_tokens_per_s']:.0f} tok/s, decode {g['decode_tokens_per_s']:.1f} tok/s")
+        lines.append(f"prefill {g['prefill_tokens_per_s']:.0f} tok/s ({_spread(g['prefill'])}), "
+                     f"decode {g['decode_tokens_per_s']:.1f} tok/s ({_spread(g['decode'])})")
         if "mbu" in g:
             b, bw = g["bytes_per_step"], r["read_bandwidth"]["bytes_per_s"]
             hf_mbu = r.get("transformers", {}).get("decode_mbu")
             lines.append(f"decode step reads {b['weights'] / 1e6:.1f} MB of weights + {b['cache'] / 1e6:.1f} MB of "
                          f"cache: MBU {100 * g['mbu']:.1f}% of {bw / 1e9:.1f} GB/s measured"
                          + (f" (transformers {100 * hf_mbu:.1f}%)" if hf_mbu is not None else ""))
-    for key, ratio in r.get("speedup_vs_transformers", {}).items():
-        lines.append(f"vs transformers, {key.replace('_tokens_per_s', '')}: {ratio:.2f}x")
+    for part, versus in versus_transformers(r).items():
+        each = versus["speedup_each"]
+        lines.append(f"vs transformers, {part}: {versus['speedup']:.2f}x (median of {len(each)} paired rounds: "
+                     f"{min(each):.2f}-{max(each):.2f}x)")
     lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
     if "peak_bytes_in_use" in r.get("device_memory", {}):
         lines.append(f"device memory: peak {r['device_memory']['peak_bytes_in_use'] / 2**30:.2f} GiB in use")
