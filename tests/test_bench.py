@@ -81,6 +81,10 @@ def test_bench_decode_mbu(tmp_path, capsys):
     hf_mbu = read["total"] * r["transformers"]["decode_tokens_per_s"] / r["read_bandwidth"]["bytes_per_s"]
     assert abs(r["transformers"]["decode_mbu"] - hf_mbu) < 1e-12
     _assert_paired_speedups(r, {"forward": 16, "prefill": 16, "decode": 1})
+    for steps, first in ((gen["decode"], gen["prefill"]),  # a round's generate less the median prefill
+                         (gen["transformers"]["decode"], gen["transformers"]["prefill"])):
+        expected = (np.array(steps["generate_seconds_each"]) - np.median(first["seconds_each"])) / (4 - 1)
+        np.testing.assert_allclose(steps["seconds_each"], np.maximum(expected, 1e-9), rtol=1e-12)
     printed = capsys.readouterr().out
     assert "MBU" in printed
     # --profile: the decode step traced too, its components found

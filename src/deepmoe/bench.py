@@ -238,8 +238,9 @@ def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None,
 
 def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir: str | None = None,
                    rival: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """Prefill: a generate of one token; decode: (a generate of `new_tokens` - that) / (new_tokens - 1), per
-    round. rival(n): transformers' generate of n tokens after the same prompt, timed in alternation with ours."""
+    """Prefill: a generate of one token; decode: (a generate of `new_tokens` - the median prefill) /
+    (new_tokens - 1), per round. rival(n): transformers' generate of n tokens after the same prompt, timed in
+    alternation with ours."""
     import jax
 
     from deepmoe.infer.generate import generate
@@ -256,19 +257,22 @@ def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir
         runs.update({"transformers prefill": lambda: rival(1), "transformers generate": lambda: rival(new_tokens)})
     times = interleaved_times(runs, repeats)
 
-    def decode_seconds(who):  # per round: a decode step's seconds
-        return [max(full - one, 1e-9) / (new_tokens - 1)
-                for one, full in zip(times[f"{who} prefill"], times[f"{who} generate"])]
+    def decode(who):  # per round: a decode step's seconds. Less the median prefill, not the round's own: one
+        # spike in a short prefill run (seen: 706 ms among ~80) would otherwise void the round's decode.
+        prefill = statistics.median(times[f"{who} prefill"])
+        return [max(full - prefill, 1e-9) / (new_tokens - 1) for full in times[f"{who} generate"]]
 
     result = {"prefill": _timing(times["deepmoe prefill"], prompt.size),
-              "decode": _timing(decode_seconds("deepmoe"), prompt.shape[0]),
+              "decode": {**_timing(decode("deepmoe"), prompt.shape[0]),
+                         "generate_seconds_each": times["deepmoe generate"]},
               "bytes_per_step": decode_step_bytes(cfg, prompt.shape[0], prompt.shape[1] + new_tokens)}
     result["prefill_tokens_per_s"] = result["prefill"]["tokens_per_s"]
     result["decode_tokens_per_s"] = result["decode"]["tokens_per_s"]
     if rival:
         result["transformers"] = {
             "prefill": _versus(times["deepmoe prefill"], times["transformers prefill"], prompt.size),
-            "decode": _versus(decode_seconds("deepmoe"), decode_seconds("transformers"), prompt.shape[0])}
+            "decode": {**_versus(decode("deepmoe"), decode("transformers"), prompt.shape[0]),
+                       "generate_seconds_each": times["transformers generate"]}}
     if trace_dir:
         result["profile"] = summary(profile_decode_step(cfg, params, prompt, new_tokens, trace_dir))
     return result
