@@ -95,9 +95,9 @@ def test_bench_decode_mbu(tmp_path, capsys):
 
 def test_interleaved_times_pair_each_round():
     """On a machine whose speed changes between rounds (busy spells), runs timed in alternation see the same
-    spell: every round's ratio is the true cost ratio (3), where medians of separate blocks of runs would not be.
-    A pause precedes each timed call (none in the warm-up), none with a single run."""
-    slowdown = iter([1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 1.5, 1.5, 4.0, 4.0])  # per call: warm-ups, then per round
+    spell: every round's ratio is the true cost ratio (3). Each turn is a pause, an untimed call and the timed
+    one; a single run is timed back to back, without either."""
+    slowdown = iter([1.0, 1.0] + [f for f in (1.0, 2.0, 1.5, 4.0) for _ in range(4)])  # warm-ups, then rounds
     clock, calls, pauses = [0.0], [], []
 
     def run(name, cost):
@@ -108,15 +108,16 @@ def test_interleaved_times_pair_each_round():
 
     times = bench.interleaved_times({"ours": run("ours", 1.0), "theirs": run("theirs", 3.0)}, repeats=4,
                                     clock=lambda: clock[0], sleep=pauses.append)
-    assert calls == ["ours", "theirs"] + ["ours", "theirs"] * 4
+    assert calls == ["ours", "theirs"] + ["ours", "ours", "theirs", "theirs"] * 4
     assert times == {"ours": [1.0, 2.0, 1.5, 4.0], "theirs": [3.0, 6.0, 4.5, 12.0]}
     assert pauses == [0.05] * 8
     versus = bench._versus(times["ours"], times["theirs"], work=10)
     assert versus["speedup_each"] == [3.0] * 4 and versus["speedup"] == 3.0
     assert versus["tokens_per_s"] == 10 / np.median([3.0, 6.0, 4.5, 12.0])
+    calls.clear()
     pauses.clear()
-    alone = bench.interleaved_times({"ours": lambda: None}, repeats=3, sleep=pauses.append)
-    assert len(alone["ours"]) == 3 and pauses == [0.0] * 3
+    alone = bench.interleaved_times({"ours": lambda: calls.append("ours")}, repeats=3, sleep=pauses.append)
+    assert len(alone["ours"]) == 3 and calls == ["ours"] * 4 and pauses == []
 
 
 def test_peak_matmul_size_grows_until_a_product_is_busy():

@@ -22,8 +22,9 @@ Measured, in one process:
   accelerator, the device's peak bytes in use (`Device.memory_stats()`);
 - with --compare-transformers: transformers' `DeepseekV4ForCausalLM` on the same config (eager attention, float32,
   torch threads = this machine's cores): forward, an AdamW train step, and `generate`, each timed in alternation
-  with ours (`interleaved_times`: round after round, one run of each), reported as speedups: the median over
-  rounds of their time / ours in the same round (each round's ratio in the JSON, their range printed).
+  with ours (`interleaved_times`: round after round, one timed run of each after an untimed one), reported as
+  speedups: the median over rounds of their time / ours in the same round (each round's ratio in the JSON,
+  their range printed).
 - with --profile: where the time of the forward, the train step and a decode step goes, per model component
   (attention, moe, mhc, the layer scan's weight slices, optimizer update; forward and backward apart), from a
   jax.profiler trace (deepmoe.profile): printed, in the JSON, as a PNG bar chart next to it, and the trace itself
@@ -69,19 +70,23 @@ def interleaved_times(runs: dict[str, Callable[[], Any]], repeats: int, pause_s:
                       clock: Callable[[], float] = time.perf_counter,
                       sleep: Callable[[float], None] = time.sleep) -> dict[str, list[float]]:
     """Seconds of each of `runs` (callables that return once their work is done), `repeats` times each: one
-    warm-up call of each, then rounds that call every run once, in turn. With deepmoe and transformers
+    warm-up call of each, then rounds that time every run once, in turn. With deepmoe and transformers
     alternating like this a busy spell of a shared machine falls on both (seen on this 2-core VM: the same
     product at 141-215 GFLOP/s in processes a minute apart), so the ratio of a round's two times stays honest
-    where two medians measured minutes apart need not. With more than one run a pause precedes each call: the
-    other runtime's worker threads (torch's OpenMP team, XLA's pool) spin for a while after their work, and a
-    run started at once competed with them (~3 % slower here, either way round)."""
+    where two medians measured minutes apart need not.
+    With more than one run, each turn is a pause, an untimed call, then the timed one, so that every run is
+    timed as it runs back to back: the other runtime's worker threads (torch's OpenMP team, XLA's pool) spin a
+    while after their work, and its data displaces ours from the caches (a `small` generate of 32 tokens took
+    9 % longer right after transformers' than right after its own; transformers' did not mind)."""
     for run in runs.values():
         run()
-    pause = pause_s if len(runs) > 1 else 0.0
+    alternating = len(runs) > 1
     times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            sleep(pause)
+            if alternating:
+                sleep(pause_s)
+                run()
             start = clock()
             run()
             times[name].append(clock() - start)
