@@ -48,6 +48,7 @@ def test_bench_json_and_mfu_formula(tmp_path, capsys):
     assert abs(r["train"]["mfu"] - flops["model"] * r["train"]["tokens_per_s"] / peak) < 1e-12
     assert r["forward"]["tokens_per_s"] == 32 / r["forward"]["seconds"] == 32 / np.median(r["forward"]["seconds_each"])
     _assert_paired_speedups(r, {"forward": 32, "train": 32})
+    assert (tmp_path / "tiny-vs-transformers.png").read_bytes()[:4] == b"\x89PNG"
     # the forward runs over the layout the train step picks for this model
     assert r["forward"]["layout"] == ("segments" if layers_scanned(preset("tiny"), TrainConfig()) else "layers")
     assert r["host_buffers"] == "on" or "already started" in r["host_buffers"]  # conftest applied it first

@@ -48,6 +48,7 @@ from typing import Any, Callable
 import numpy as np
 
 from deepmoe.backend.host_memory import keep_host_buffers
+from deepmoe.bench_plot import plot_comparison
 from deepmoe.profile import format_profile, plot_profiles, profile_runs, summary
 
 
@@ -110,12 +111,15 @@ def _versus(ours: list[float], theirs: list[float], work: float) -> dict[str, An
     return {**_timing(theirs, work), "speedup": statistics.median(each), "speedup_each": each}
 
 
-def versus_transformers(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{part: transformers' timing and our speedup} for the parts `run_bench` compared (forward, train, prefill,
-    decode)."""
-    return {**({"forward": result["forward"]["transformers"]} if "transformers" in result["forward"] else {}),
-            **({"train": result["train"]["transformers"]} if "transformers" in result.get("train", {}) else {}),
-            **result.get("generate", {}).get("transformers", {})}
+def versus_transformers(result: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """{part: (our timing, transformers' timing and our speedup)} for the parts `run_bench` compared (forward,
+    train, prefill, decode)."""
+    generate = result.get("generate", {})
+    ours = {"forward": result["forward"], "train": result.get("train"), "prefill": generate.get("prefill"),
+            "decode": generate.get("decode")}
+    theirs = {"forward": result["forward"].get("transformers"), "train": result.get("train", {}).get("transformers"),
+              **generate.get("transformers", {})}
+    return {part: (ours[part], timing) for part, timing in theirs.items() if timing}
 
 
 def peak_matmul_size(seconds_at: Callable[[int], float], size: int = 2048, min_seconds: float = 0.01,
@@ -397,8 +401,8 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
                                             rival=rivals.get("generate"))
     if compare:  # the summary the README quotes: transformers' tokens/s and our paired speedups
         versus = versus_transformers(result)
-        result["transformers"] = {f"{part}_tokens_per_s": v["tokens_per_s"] for part, v in versus.items()}
-        result["speedup_vs_transformers"] = {f"{part}_tokens_per_s": v["speedup"] for part, v in versus.items()}
+        result["transformers"] = {f"{part}_tokens_per_s": v["tokens_per_s"] for part, (_, v) in versus.items()}
+        result["speedup_vs_transformers"] = {f"{part}_tokens_per_s": v["speedup"] for part, (_, v) in versus.items()}
     if "generate" in result:
         log("measuring read bandwidth ...")
         gen = result["generate"]
@@ -452,7 +456,7 @@ def format_result(r: dict[str, Any]) -> str:
             lines.append(f"decode step reads {b['weights'] / 1e6:.1f} MB of weights + {b['cache'] / 1e6:.1f} MB of "
                          f"cache: MBU {100 * g['mbu']:.1f}% of {bw / 1e9:.1f} GB/s measured"
                          + (f" (transformers {100 * hf_mbu:.1f}%)" if hf_mbu is not None else ""))
-    for part, versus in versus_transformers(r).items():
+    for part, (_, versus) in versus_transformers(r).items():
         each = versus["speedup_each"]
         lines.append(f"vs transformers, {part}: {versus['speedup']:.2f}x (median of {len(each)} paired rounds: "
                      f"{min(each):.2f}-{max(each):.2f}x)")
@@ -510,4 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     if profiles:
         png = plot_profiles(profiles, str(out.with_name(out.stem + "-profile.png")))
         print(f"wrote {png} and the traces under {trace_dir} (TensorBoard's profile plugin or ui.perfetto.dev)")
+    if args.compare_transformers:
+        title = (f"deepmoe vs transformers: {name}, batch {args.batch} x seq {args.seq}, {args.dtype}, "
+                 f"{result['cpu_count']} cores, {result['date']}")
+        png = plot_comparison(versus_transformers(result), title, str(out.with_name(out.stem + "-vs-transformers.png")))
+        print(f"wrote {png}")
     return 0
