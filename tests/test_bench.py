@@ -8,6 +8,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from deepmoe import bench
 from deepmoe.config import preset
@@ -136,3 +137,14 @@ def test_peak_matmul_size_grows_until_a_product_is_busy():
     sizes = []
     bench.peak_matmul_size(lambda n: sizes.append(n) or 0.0, max_size=8192)
     assert sizes == [2048, 4096]  # the cap is never timed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--skip", "trian"], "--skip takes train and/or decode, not trian"),
+    (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+    (["--new-tokens", "1"], "--new-tokens must be at least 2"),
+])
+def test_bench_refuses_bad_arguments_before_measuring(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--preset", "tiny", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -492,6 +492,14 @@ def main(argv: list[str] | None = None) -> int:
                              "down by model component (printed, in the JSON, NAME-profile.png, trace in "
                              "NAME-trace/)")
     args = parser.parse_args(argv)
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - {"train", "decode"}:
+        parser.error(f"--skip takes train and/or decode, not {','.join(sorted(skip - {'train', 'decode'}))}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if "decode" not in skip and args.new_tokens < 2:
+        parser.error(f"--new-tokens must be at least 2 (decode time = a generate of N tokens less the prefill, "
+                     f"over N - 1 steps), got {args.new_tokens}; or --skip decode")
     host_buffers = keep_host_buffers()  # before any JAX op (the deepmoe command has already applied it)
 
     import deepmoe as dm
@@ -503,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     trace_dir = str(out.with_name(out.stem + "-trace")) if args.profile else None
     result = run_bench(cfg, batch=args.batch, seq=args.seq, repeats=args.repeats, new_tokens=args.new_tokens,
-                       compare=args.compare_transformers, skip=set(filter(None, args.skip.split(","))),
+                       compare=args.compare_transformers, skip=skip,
                        trace_dir=trace_dir)
     result["host_buffers"] = host_buffers
     result["name"] = name
