@@ -113,7 +113,7 @@ def test_interleaved_times_pair_each_round():
     assert calls == ["ours", "theirs"] + ["ours", "ours", "theirs", "theirs"] * 4
     assert times == {"ours": [1.0, 2.0, 1.5, 4.0], "theirs": [3.0, 6.0, 4.5, 12.0]}
     assert pauses == [0.05] * 8
-    versus = bench._versus(times["ours"], times["theirs"], work=10)
+    versus = bench.versus(times["ours"], times["theirs"], work=10)
     assert versus["speedup_each"] == [3.0] * 4 and versus["speedup"] == 3.0
     assert versus["tokens_per_s"] == 10 / np.median([3.0, 6.0, 4.5, 12.0])
     calls.clear()

@@ -326,3 +326,29 @@ def test_train_mfu_halves_the_batch_when_the_device_runs_out_of_memory():
 def test_train_mfu_refuses_the_accelerator_benchmark_on_cpu(tmp_path, capsys):
     assert _load("train_mfu").main(["--out", str(tmp_path)]) == 2
     assert "accelerator benchmark" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+# ----- ab_xla_options ---------------------------------------------------------------------------------------
+
+def test_ab_xla_options_pairs_rounds_and_compares_outputs(quick_run):
+    """--quick runs A = B (deepmoe's own options on both): the two compiled programs give identical gradients,
+    and B's speedup is the median over rounds of A's recorded time / B's."""
+    out, r = quick_run("ab_xla_options")
+    assert r["options"] == {"A": {}, "B": {}} and r["max_abs_output_difference"] == 0.0
+    a, b = np.array(r["seconds_each"]["A"]), np.array(r["seconds_each"]["B"])
+    assert len(a) == len(b) == 3
+    np.testing.assert_allclose(r["speedup_of_b_each"], a / b, rtol=1e-12)
+    assert r["speedup_of_b"] == pytest.approx(float(np.median(a / b)), rel=1e-12)
+    _pngs(out, r)
+
+
+def test_ab_xla_options_parses_and_refuses_options(tmp_path, capsys):
+    ab = _load("ab_xla_options")
+    assert ab.parse_options("xla_a=512; xla_b=true;xla_c=FALSE;xla_d=LIBRARY_FUSION_TYPE_DOT;") == {
+        "xla_a": 512, "xla_b": True, "xla_c": False, "xla_d": "LIBRARY_FUSION_TYPE_DOT"}
+    with pytest.raises(ValueError, match="name=value"):
+        ab.parse_options("xla_a")
+    assert ab.main(["--quick", "--out", str(tmp_path), "--b", "xla_cpu_no_such_option=true"]) == 2
+    err = capsys.readouterr().err
+    assert "option set B" in err and "xla_cpu_no_such_option" in err
+    assert not (tmp_path / "results.json").exists()

@@ -98,17 +98,17 @@ def _rival(run: Callable[[], Any] | None) -> dict[str, Callable[[], Any]]:
     return {"transformers": run} if run else {}
 
 
-def _timing(seconds: list[float], work: float) -> dict[str, Any]:
-    """JSON of one timed run: median seconds, each repeat's, and `work` (tokens) per median second."""
+def timing(seconds: list[float], work: float) -> dict[str, Any]:
+    """JSON of one timed part: median seconds, each repeat's, and `work` (tokens) per median second."""
     median = statistics.median(seconds)
     return {"seconds": median, "seconds_each": seconds, "tokens_per_s": work / median}
 
 
-def _versus(ours: list[float], theirs: list[float], work: float) -> dict[str, Any]:
-    """transformers' timing of a part and our speedup over it: the median over rounds of their seconds / ours
-    in the same round (`interleaved_times`), and each round's."""
+def versus(ours: list[float], theirs: list[float], work: float) -> dict[str, Any]:
+    """The other side's `timing` of a part (transformers', or a baseline's) and our speedup over it: the median
+    over rounds of their seconds / ours in the same round (`interleaved_times`), and each round's."""
     each = [t / o for o, t in zip(ours, theirs, strict=True)]
-    return {**_timing(theirs, work), "speedup": statistics.median(each), "speedup_each": each}
+    return {**timing(theirs, work), "speedup": statistics.median(each), "speedup_each": each}
 
 
 def versus_transformers(result: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -119,7 +119,7 @@ def versus_transformers(result: dict[str, Any]) -> dict[str, tuple[dict[str, Any
             "decode": generate.get("decode")}
     theirs = {"forward": result["forward"].get("transformers"), "train": result.get("train", {}).get("transformers"),
               **generate.get("transformers", {})}
-    return {part: (ours[part], timing) for part, timing in theirs.items() if timing}
+    return {part: (ours[part], other) for part, other in theirs.items() if other}
 
 
 def peak_matmul_size(seconds_at: Callable[[int], float], size: int = 2048, min_seconds: float = 0.01,
@@ -199,10 +199,10 @@ def bench_forward(cfg, params, ids, repeats: int, trace_dir: str | None = None,
     compile_s = time.perf_counter() - start
     runs = {"deepmoe": lambda: jax.block_until_ready(compiled(params, ids)), **_rival(rival)}
     times = interleaved_times(runs, repeats)
-    result = {"compile_s": compile_s, **_timing(times["deepmoe"], ids.size), "memory": _memory(compiled),
+    result = {"compile_s": compile_s, **timing(times["deepmoe"], ids.size), "memory": _memory(compiled),
               "layout": "layers" if "layers" in params else "segments"}
     if rival:
-        result["transformers"] = _versus(times["deepmoe"], times["transformers"], ids.size)
+        result["transformers"] = versus(times["deepmoe"], times["transformers"], ids.size)
     if trace_dir:
         result["profile"] = summary(profile_runs(lambda: compiled(params, ids), [(compiled.as_text(), None)],
                                                  trace_dir))
@@ -233,9 +233,9 @@ def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None,
         return jax.block_until_ready(metrics)
 
     times = interleaved_times({"deepmoe": run, **_rival(rival)}, repeats)
-    result = {"compile_plus_first_step_s": compile_s, **_timing(times["deepmoe"], ids.size)}
+    result = {"compile_plus_first_step_s": compile_s, **timing(times["deepmoe"], ids.size)}
     if rival:
-        result["transformers"] = _versus(times["deepmoe"], times["transformers"], ids.size)
+        result["transformers"] = versus(times["deepmoe"], times["transformers"], ids.size)
     if trace_dir:  # the step's two programs (deepmoe.train.step.TrainStep), compiled again only for their HLO
         grads, stats = step.gradients(state.params, state.step, batch)
         programs = [(step.gradients.lower(state.params, state.step, batch).compile().as_text(), None),
@@ -271,16 +271,16 @@ def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir
         prefill = statistics.median(times[f"{who} prefill"])
         return [max(full - prefill, 1e-9) / (new_tokens - 1) for full in times[f"{who} generate"]]
 
-    result = {"prefill": _timing(times["deepmoe prefill"], prompt.size),
-              "decode": {**_timing(decode("deepmoe"), prompt.shape[0]),
+    result = {"prefill": timing(times["deepmoe prefill"], prompt.size),
+              "decode": {**timing(decode("deepmoe"), prompt.shape[0]),
                          "generate_seconds_each": times["deepmoe generate"]},
               "bytes_per_step": decode_step_bytes(cfg, prompt.shape[0], prompt.shape[1] + new_tokens)}
     result["prefill_tokens_per_s"] = result["prefill"]["tokens_per_s"]
     result["decode_tokens_per_s"] = result["decode"]["tokens_per_s"]
     if rival:
         result["transformers"] = {
-            "prefill": _versus(times["deepmoe prefill"], times["transformers prefill"], prompt.size),
-            "decode": {**_versus(decode("deepmoe"), decode("transformers"), prompt.shape[0]),
+            "prefill": versus(times["deepmoe prefill"], times["transformers prefill"], prompt.size),
+            "decode": {**versus(decode("deepmoe"), decode("transformers"), prompt.shape[0]),
                        "generate_seconds_each": times["transformers generate"]}}
     if trace_dir:
         result["profile"] = summary(profile_decode_step(cfg, params, prompt, new_tokens, trace_dir))
@@ -400,9 +400,9 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
                                             new_tokens, repeats, trace_dir and os.path.join(trace_dir, "decode"),
                                             rival=rivals.get("generate"))
     if compare:  # the summary the README quotes: transformers' tokens/s and our paired speedups
-        versus = versus_transformers(result)
-        result["transformers"] = {f"{part}_tokens_per_s": v["tokens_per_s"] for part, (_, v) in versus.items()}
-        result["speedup_vs_transformers"] = {f"{part}_tokens_per_s": v["speedup"] for part, (_, v) in versus.items()}
+        compared = versus_transformers(result)
+        result["transformers"] = {f"{part}_tokens_per_s": v["tokens_per_s"] for part, (_, v) in compared.items()}
+        result["speedup_vs_transformers"] = {f"{part}_tokens_per_s": v["speedup"] for part, (_, v) in compared.items()}
     if "generate" in result:
         log("measuring read bandwidth ...")
         gen = result["generate"]
@@ -456,9 +456,9 @@ def format_result(r: dict[str, Any]) -> str:
             lines.append(f"decode step reads {b['weights'] / 1e6:.1f} MB of weights + {b['cache'] / 1e6:.1f} MB of "
                          f"cache: MBU {100 * g['mbu']:.1f}% of {bw / 1e9:.1f} GB/s measured"
                          + (f" (transformers {100 * hf_mbu:.1f}%)" if hf_mbu is not None else ""))
-    for part, (_, versus) in versus_transformers(r).items():
-        each = versus["speedup_each"]
-        lines.append(f"vs transformers, {part}: {versus['speedup']:.2f}x (median of {len(each)} paired rounds: "
+    for part, (_, theirs) in versus_transformers(r).items():
+        each = theirs["speedup_each"]
+        lines.append(f"vs transformers, {part}: {theirs['speedup']:.2f}x (median of {len(each)} paired rounds: "
                      f"{min(each):.2f}-{max(each):.2f}x)")
     lines.append(f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB")
     if "peak_bytes_in_use" in r.get("device_memory", {}):

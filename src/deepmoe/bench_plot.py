@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-UNITS = {"forward": "ms per forward", "train": "ms per train step", "prefill": "ms per prefill",
-         "decode": "ms per decode step"}
+UNITS = {"forward": "ms per forward", "train": "ms per train step", "gradients": "ms per forward + backward",
+         "prefill": "ms per prefill", "decode": "ms per decode step"}
 
 
-def plot_comparison(versus: dict[str, tuple[dict[str, Any], dict[str, Any]]], title: str, path: str) -> str:
-    """versus: `deepmoe.bench.versus_transformers(result)`; writes the PNG to `path` and returns it."""
+def plot_comparison(versus: dict[str, tuple[dict[str, Any], dict[str, Any]]], title: str, path: str,
+                    labels: tuple[str, str] = ("deepmoe", "transformers")) -> str:
+    """versus: {part: (timing, the other's timing with the first's "speedup" over it)}, as
+    `deepmoe.bench.versus_transformers(result)`; labels: the two sides' names. Writes the PNG to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,8 +22,8 @@ def plot_comparison(versus: dict[str, tuple[dict[str, Any], dict[str, Any]]], ti
     fig, axes = plt.subplots(1, len(versus), figsize=(3.6 * len(versus), 3.4), squeeze=False)
     for ax, (part, (ours, theirs)) in zip(axes[0], versus.items()):
         rounds = range(1, len(ours["seconds_each"]) + 1)
-        ax.plot(rounds, [1e3 * s for s in ours["seconds_each"]], "o-", label="deepmoe")
-        ax.plot(rounds, [1e3 * s for s in theirs["seconds_each"]], "s-", label="transformers")
+        ax.plot(rounds, [1e3 * s for s in ours["seconds_each"]], "o-", label=labels[0])
+        ax.plot(rounds, [1e3 * s for s in theirs["seconds_each"]], "s-", label=labels[1])
         each = theirs["speedup_each"]
         ax.set_title(f"{part}: {theirs['speedup']:.2f}x\n(rounds {min(each):.2f}-{max(each):.2f}x)", fontsize=9)
         ax.set_xlabel("round")
