@@ -429,10 +429,10 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
     return result
 
 
-def _spread(timing: dict[str, Any]) -> str:
+def _spread(part: dict[str, Any]) -> str:
     """How far a part's repeats spread, as a share of their median: large on a busy machine."""
-    each = timing["seconds_each"]
-    return f"{len(each)} runs within {100 * (max(each) - min(each)) / timing['seconds']:.0f}%"
+    each = part["seconds_each"]
+    return f"{len(each)} runs within {100 * (max(each) - min(each)) / part['seconds']:.0f}%"
 
 
 def format_result(r: dict[str, Any]) -> str:
