@@ -17,14 +17,16 @@ numerics shows there). Writes results.json and ab.png (each round's time of both
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+from deepmoe import experiment as ex
+
+NAME = "ab_xla_options"
+QUICK = dict(preset="tiny", seq=64, rounds=3)
+FULL = dict(preset="mini", seq=512, rounds=10)
 
 
 def parse_options(text: str) -> dict[str, object]:
@@ -46,25 +48,21 @@ def parse_options(text: str) -> dict[str, object]:
 
 
 def _parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="mini")
-    parser.add_argument("--program", choices=["train", "forward"], default="train")
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
-    parser.add_argument("--a", default="", help="options of A (the baseline), name=value;...")
-    parser.add_argument("--b", default="", help="options of B (the candidate), name=value;...")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--quick", action="store_true", help="tiny, seq 64, 3 rounds")
-    parser.add_argument("--out", default="runs/ab_xla_options")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.preset, args.seq, args.rounds = "tiny", 64, 3
+    p = ex.parser(__doc__, NAME, quick_help="tiny, seq 64, 3 rounds")
+    p.add_argument("--preset", help="model preset (default mini; quick tiny)")
+    p.add_argument("--program", choices=["train", "forward"], default="train")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default 512; quick 64)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--a", default="", help="options of A (the baseline), name=value;...")
+    p.add_argument("--b", default="", help="options of B (the candidate), name=value;...")
+    p.add_argument("--rounds", type=int, help="rounds of A and B (default 10; quick 3)")
+    args = ex.parse(p, argv, QUICK, FULL)
     if args.rounds < 1:
-        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     try:
         args.options = {"A": parse_options(args.a), "B": parse_options(args.b)}
     except ValueError as err:
-        parser.error(str(err))
+        p.error(str(err))
     return args
 
 
@@ -86,7 +84,7 @@ def _program(cfg, program: str, seq: int):
     return (lambda p, x: dm.forward(p, cfg, x, mtp=False).logits), (params, ids)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     import jax
     import numpy as np
@@ -120,22 +118,18 @@ def main(argv=None) -> int:
     timing_b = bench.timing(times["B"], args.seq)
     versus = bench.versus(times["B"], times["A"], args.seq)  # A's timing, B's speedup over it
     each = versus["speedup_each"]
-    result = {"preset": args.preset, "program": args.program, "seq": args.seq, "dtype": args.dtype,
-              "base_options": base, "options": args.options, "compile_s": compile_s, "seconds_each": times,
-              "speedup_of_b": versus["speedup"], "speedup_of_b_each": each, "max_abs_output_difference": max_diff,
-              "backend": jax.default_backend(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ex.output_dir(args)
     title = (f"{args.preset} {args.program}, seq {args.seq}, {args.dtype}: "
              f"B {args.options['B']} vs A {args.options['A']}")
     part = {"train": "gradients", "forward": "forward"}[args.program]
-    plot_comparison({part: (timing_b, versus)}, title, str(out / "ab.png"), labels=("B", "A"))
-    result["plots"] = ["ab.png"]
-    (out / "results.json").write_text(json.dumps(result, indent=2))
+    png = plot_comparison({part: (timing_b, versus)}, title, str(out / "ab.png"), labels=("B", "A"))
     print(f"A {1e3 * np.median(times['A']):.1f} ms, B {1e3 * np.median(times['B']):.1f} ms (medians); "
           f"B's speedup over A {versus['speedup']:.3f}x (rounds {min(each):.3f}-{max(each):.3f}x); "
           f"outputs differ by at most {max_diff:.2e}")
-    print(f"wrote {out / 'results.json'} and {out / 'ab.png'}")
+    ex.write_results(out, NAME, args.quick, [Path(png)], preset=args.preset, program=args.program, seq=args.seq,
+                     dtype=args.dtype, base_options=base, options=args.options, compile_s=compile_s,
+                     seconds_each=times, speedup_of_b=versus["speedup"], speedup_of_b_each=each,
+                     max_abs_output_difference=max_diff)
     return 0
 
 

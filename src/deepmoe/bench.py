@@ -260,7 +260,7 @@ def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir
     def run(n):
         return jax.block_until_ready(generate(params, cfg, prompt, max_new_tokens=n, stop_tokens=()).tokens)
 
-    run(1)  # compile prefill + decode (interleaved_times' warm-up then runs each once more)
+    # interleaved_times' warm-up call of each compiles prefill and decode
     runs = {"deepmoe prefill": lambda: run(1), "deepmoe generate": lambda: run(new_tokens)}
     if rival:
         runs.update({"transformers prefill": lambda: rival(1), "transformers generate": lambda: rival(new_tokens)})
