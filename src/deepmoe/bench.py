@@ -269,7 +269,7 @@ def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir
     def decode(who):  # per round: a decode step's seconds. Less the median prefill, not the round's own: one
         # spike in a short prefill run (seen: 706 ms among ~80) would otherwise void the round's decode.
         prefill = statistics.median(times[f"{who} prefill"])
-        return [max(full - prefill, 1e-9) / (new_tokens - 1) for full in times[f"{who} generate"]]
+        return [max((full - prefill) / (new_tokens - 1), 1e-9) for full in times[f"{who} generate"]]
 
     result = {"prefill": timing(times["deepmoe prefill"], prompt.size),
               "decode": {**timing(decode("deepmoe"), prompt.shape[0]),
