@@ -1,182 +1,170 @@
 """Prefill and decode throughput: deepmoe's cached decoding vs transformers' `generate`, same config, same
-random weights, same process.
+weights, same process, timed in alternation.
 
     python experiments/bench_decode.py                 # preset small, fp32, batch 1, 128-token prompt, 64 new
     python experiments/bench_decode.py --quick         # tiny, short: a smoke run
     python experiments/bench_decode.py --speculative   # also MTP self-speculative decoding (acceptance rate)
 
-Both sides decode greedily with no stop token, so each produces exactly --new-tokens tokens; the tokens are
-compared as a sanity check. deepmoe is timed after a warm-up run (compilation excluded, reported separately);
-transformers runs eagerly (its DeepSeek-V4 attention is eager-only). Prefill tokens/s = prompt tokens /
-prefill time; decode tokens/s = tokens generated after the first / the rest of the time. Results: printed and
-written to runs/bench_decode/<preset>-<dtype>-b<batch>[-gather].json.
+The weights are deepmoe's random init with sinks and biases re-randomized (both inits zero them), saved with
+`save_pretrained` and loaded by transformers, so both sides decode greedily the same model: their tokens are
+compared as a sanity check. No stop token, so each side produces exactly --new-tokens tokens. transformers runs
+eagerly (its DeepSeek-V4 attention is eager-only).
+
+Timing as `deepmoe bench`: each side's generate of one token (the prefill) and of --new-tokens tokens run round
+after round in alternation with the other side's (`deepmoe.bench.interleaved_times`), so a busy spell of a shared
+machine falls on both; a round's decode step is its generate less the median prefill, over the tokens after the
+first (`deepmoe.bench.decode_step_seconds`). Speedups are the median over rounds of transformers' time / ours in
+the same round, printed with the rounds' range. Writes results.json (every round's times) and decode.png.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import statistics
 import sys
-import zlib
 import tempfile
-import time
+import zlib
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from deepmoe import experiment as ex
+
+NAME = "bench_decode"
+QUICK = dict(preset="tiny", prompt_len=32, new_tokens=16, rounds=2)
+FULL = dict(preset="small", prompt_len=128, new_tokens=64, rounds=5)
+
 
 def _parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small")
+    p = ex.parser(__doc__, NAME, quick_help="tiny, 32-token prompt, 16 new tokens, 2 rounds")
+    p.add_argument("--preset", help="model preset (default small; quick tiny)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, help="prompt tokens (default 128; quick 32)")
+    p.add_argument("--new-tokens", type=int, help="tokens generated (default 64; quick 16)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype of both sides (transformers on CPU is fastest in float32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per side (the median is reported)")
+    p.add_argument("--rounds", type=int, help="paired rounds (default 5; quick 2); the medians are reported")
     p.add_argument("--speculative", action="store_true", help="also time MTP self-speculative decoding")
-    p.add_argument("--quick", action="store_true", help="tiny preset, 32-token prompt, 16 new tokens, 1 repeat")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice; on a busy machine 1 is often "
                         "much faster because idle workers spin)")
-    p.add_argument("--gather", action="store_true",
-                   help="register deepmoe.infer.expert_gather as moe_dispatch strategy 'gather' for this process "
-                        "(until moe_dispatch ships it), so cached decode steps gather their tokens' experts")
-    p.add_argument("--out", default="runs/bench_decode")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.preset, args.prompt_len, args.new_tokens, args.repeats = "tiny", 32, 16, 1
+    args = ex.parse(p, argv, QUICK, FULL)
+    for name, least in (("batch", 1), ("prompt_len", 1), ("new_tokens", 2), ("rounds", 1)):
+        if getattr(args, name) < least:  # decode is a generate's time past its first token: two at least
+            p.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     return args
 
 
-def _median(xs):
-    return statistics.median(xs)
-
-
-def bench_ours(params, cfg, prompt, new_tokens, repeats, speculative=False):
-    from deepmoe.infer import generate
-    from deepmoe.params import unstack_layers
-
-    params = unstack_layers(params, cfg)  # per-layer weights, converted once (generate would copy every call)
-    t0 = time.perf_counter()
-    warm = generate(params, cfg, prompt, new_tokens, stop_tokens=(), speculative=speculative)
-    compile_s = time.perf_counter() - t0
-    runs = [generate(params, cfg, prompt, new_tokens, stop_tokens=(), speculative=speculative)
-            for _ in range(repeats)]
-    prefill = _median([r.stats["prefill_s"] for r in runs])
-    decode = _median([r.stats["decode_s"] for r in runs])
-    result = {
-        "first_call_s": compile_s, "prefill_s": prefill, "decode_s": decode,
-        "prefill_tokens_per_s": prompt.size / prefill,
-        "decode_tokens_per_s": prompt.shape[0] * (new_tokens - 1) / decode,
-        "tokens": warm.tokens,
-    }
-    if speculative:
-        result["acceptance_rate"] = runs[-1].stats["acceptance_rate"]
-    return result
-
-
-def bench_transformers(model, prompt, new_tokens, repeats):
-    import torch
-
-    ids = torch.as_tensor(prompt, dtype=torch.long)
-    prefills, totals, out = [], [], None
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=True)  # warm-up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=True)
-            prefills.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=0)
-            totals.append(time.perf_counter() - t0)
-    prefill, total = _median(prefills), _median(totals)
-    return {
-        "prefill_s": prefill, "decode_s": total - prefill,
-        "prefill_tokens_per_s": prompt.size / prefill,
-        "decode_tokens_per_s": prompt.shape[0] * (new_tokens - 1) / max(total - prefill, 1e-9),
-        "tokens": out[:, prompt.shape[1]:].numpy(),
-    }
-
-
-def main(argv=None) -> int:
-    args = _parse(argv)
-    from deepmoe.backend.host_memory import keep_host_buffers
-
-    keep_host_buffers()  # as `deepmoe bench` does, before JAX starts
+def _weights(cfg):
+    """deepmoe's init with non-zero sinks and biases (both libraries' inits zero them: spec §13)."""
     import jax
+
+    import deepmoe as dm
+
+    params = dm.init_params(cfg, jax.random.key(0))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x + 0.3 * jax.random.normal(jax.random.key(zlib.crc32(str(path).encode())), x.shape, x.dtype)
+        if str(path[-1]).strip("[]'") in ("sinks", "position_bias", "base", "router_bias") else x, params)
+
+
+def _transformers_model(params, cfg, dtype: str):
     import torch
     from transformers import DeepseekV4ForCausalLM
 
     import deepmoe as dm
 
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    if args.gather:
-        import deepmoe.moe_dispatch as md
-        from deepmoe.infer import expert_gather
-
-        if "gather" not in md.STRATEGIES:
-            md.STRATEGIES["gather"] = expert_gather.run
-            md.NAMES = (*md.NAMES, "gather")
-    cfg = dm.preset(args.preset).replace(compute_dtype=args.dtype)
-    params = dm.init_params(cfg, jax.random.key(0))
-    # non-trivial sinks / biases (init_params zeroes them, like transformers)
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.3 * jax.random.normal(jax.random.key(zlib.crc32(str(path).encode())), x.shape, x.dtype)
-        if str(path[-1]).strip("[]'") in ("sinks", "position_bias", "base", "router_bias") else x, params)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(3, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
-
     with tempfile.TemporaryDirectory() as tmp:
         dm.save_pretrained(tmp, params, cfg)
-        torch_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
-        model = DeepseekV4ForCausalLM.from_pretrained(tmp, torch_dtype=torch_dtype).eval()
+        model = DeepseekV4ForCausalLM.from_pretrained(
+            tmp, torch_dtype=torch.float32 if dtype == "float32" else torch.bfloat16).eval()
     model.config._attn_implementation = "eager"
+    return model
 
-    ours = bench_ours(params, cfg, prompt, args.new_tokens, args.repeats)
-    theirs = bench_transformers(model, prompt, args.new_tokens, args.repeats)
-    report = {
-        "preset": args.preset, "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "repeats": args.repeats,
-        "decode_moe": "gather" if args.gather else "auto (moe_dispatch's platform default)",
-        "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
-        "deepmoe": {k: v for k, v in ours.items() if k != "tokens"},
-        "transformers": {k: v for k, v in theirs.items() if k != "tokens"},
-        "prefill_speedup": ours["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"],
-        "decode_speedup": ours["decode_tokens_per_s"] / theirs["decode_tokens_per_s"],
-        "tokens_match": bool(np.array_equal(ours["tokens"], theirs["tokens"])),
-        "matching_prefix": int(np.argmax(np.concatenate([(ours["tokens"] != theirs["tokens"]).any(0), [True]]))),
-    }
-    if args.speculative and cfg.num_mtp_layers:
-        spec = bench_ours(params, cfg, prompt, args.new_tokens, args.repeats, speculative=True)
-        report["deepmoe_speculative"] = {k: v for k, v in spec.items() if k != "tokens"}
-        report["speculative_tokens_match_greedy"] = bool(np.array_equal(spec["tokens"], ours["tokens"]))
 
-    print(f"{args.preset} {args.dtype} batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens "
-          f"on {report['device']} ({os.cpu_count()} CPUs), decode MoE: {report['decode_moe']}")
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    import jax
+    import torch
+
+    import deepmoe as dm
+    from deepmoe import bench
+    from deepmoe.bench_plot import plot_comparison
+    from deepmoe.infer import generate
+
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    cfg = dm.preset(args.preset).replace(compute_dtype=args.dtype)
+    params = _weights(cfg)
+    model = _transformers_model(params, cfg, args.dtype)
+    params = dm.unstack_layers(params, cfg)  # per-layer weights, converted once (generate would copy every call)
+    prompt = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
+    ids = torch.as_tensor(prompt, dtype=torch.long)
+    speculative = args.speculative and cfg.num_mtp_layers > 0
+    last = {}  # the latest result of each of our runs: tokens, and the acceptance rate
+
+    def ours(n, spec=False):
+        def run():
+            last[(n, spec)] = generate(params, cfg, prompt, n, stop_tokens=(), speculative=spec)
+            jax.block_until_ready(last[(n, spec)].tokens)
+        return run
+
+    def theirs(n):
+        def run():
+            with torch.no_grad():
+                last[("transformers", n)] = model.generate(ids, max_new_tokens=n, min_new_tokens=n,
+                                                           do_sample=False, pad_token_id=0)
+        return run
+
+    runs = {"deepmoe prefill": ours(1), "deepmoe generate": ours(args.new_tokens),
+            "transformers prefill": theirs(1), "transformers generate": theirs(args.new_tokens)}
+    if speculative:
+        runs["deepmoe speculative generate"] = ours(args.new_tokens, spec=True)
+    print(f"{args.preset} {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens: "
+          f"{args.rounds} rounds of {', '.join(runs)} ...", flush=True)
+    times = bench.interleaved_times(runs, args.rounds)
+
+    def decode(who, generates=None):
+        return bench.decode_step_seconds(times[f"{who} prefill"], times[generates or f"{who} generate"],
+                                         args.new_tokens)
+
+    prompt_tokens, per_step = prompt.size, args.batch
+    parts = {"prefill": (bench.timing(times["deepmoe prefill"], prompt_tokens),
+                         bench.versus(times["deepmoe prefill"], times["transformers prefill"], prompt_tokens)),
+             "decode": (bench.timing(decode("deepmoe"), per_step),
+                        bench.versus(decode("deepmoe"), decode("transformers"), per_step))}
+    tokens = np.asarray(last[(args.new_tokens, False)].tokens)
+    their_tokens = last[("transformers", args.new_tokens)][:, args.prompt_len:].numpy()
+    differs = np.concatenate([(tokens != their_tokens).any(0), [True]])
+    report = {"tokens_match": bool(np.array_equal(tokens, their_tokens)), "matching_prefix": int(np.argmax(differs))}
     print(f"{'':<22}{'prefill tok/s':>16}{'decode tok/s':>16}")
-    for name, r in (("deepmoe", ours), ("transformers", theirs), ("deepmoe speculative", report.get(
-            "deepmoe_speculative"))):
-        if r:
-            print(f"{name:<22}{r['prefill_tokens_per_s']:>16.1f}{r['decode_tokens_per_s']:>16.1f}")
-    print(f"speedup (deepmoe / transformers): prefill {report['prefill_speedup']:.2f}x, decode "
-          f"{report['decode_speedup']:.2f}x; greedy tokens match: {report['tokens_match']} "
-          f"(first {report['matching_prefix']} identical)")
-    if "deepmoe_speculative" in report:
-        print(f"speculative: acceptance rate {report['deepmoe_speculative']['acceptance_rate']:.3f} (random "
-              f"weights: the MTP module is untrained), output identical to greedy: "
-              f"{report['speculative_tokens_match_greedy']}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.preset}-{args.dtype}-b{args.batch}{'-gather' if args.gather else ''}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"wrote {path}")
+    for name, side in (("deepmoe", 0), ("transformers", 1)):
+        prefill, decode_ = parts["prefill"][side], parts["decode"][side]
+        print(f"{name:<22}{prefill['tokens_per_s']:>16.1f}{decode_['tokens_per_s']:>16.1f}")
+    if speculative:
+        spec = bench.timing(decode("deepmoe", "deepmoe speculative generate"), per_step)
+        spec_tokens = np.asarray(last[(args.new_tokens, True)].tokens)
+        report["speculative"] = {"decode": spec, "acceptance_rate": last[(args.new_tokens, True)].stats[
+            "acceptance_rate"], "tokens_match_greedy": bool(np.array_equal(spec_tokens, tokens))}
+        print(f"{'deepmoe speculative':<22}{'':>16}{spec['tokens_per_s']:>16.1f}")
+    for part, (_, other) in parts.items():
+        each = other["speedup_each"]
+        print(f"{part} speedup (deepmoe / transformers): {other['speedup']:.2f}x "
+              f"(median of {len(each)} paired rounds: {min(each):.2f}-{max(each):.2f}x)")
+    print(f"greedy tokens match: {report['tokens_match']} (first {report['matching_prefix']} identical)")
+    if speculative:
+        print(f"speculative: acceptance rate {report['speculative']['acceptance_rate']:.3f} (random weights: the "
+              f"MTP module is untrained), output identical to greedy: {report['speculative']['tokens_match_greedy']}")
+    out = ex.output_dir(args)
+    title = (f"{args.preset} {args.dtype}, batch {args.batch}, prompt {args.prompt_len}, "
+             f"{args.new_tokens} new tokens")
+    png = Path(plot_comparison(parts, title, str(out / "decode.png")))
+    ex.write_results(out, NAME, args.quick, [png], preset=args.preset, dtype=args.dtype, batch=args.batch,
+                     prompt_len=args.prompt_len, new_tokens=args.new_tokens, rounds=args.rounds,
+                     torch_threads=torch.get_num_threads(), jax_device=str(jax.devices()[0]),
+                     deepmoe={part: mine for part, (mine, _) in parts.items()},
+                     transformers={part: other for part, (_, other) in parts.items()},
+                     generate_seconds_each=times, median_seconds={k: statistics.median(v) for k, v in times.items()},
+                     **report)
     return 0
 
 

@@ -352,3 +352,29 @@ def test_ab_xla_options_parses_and_refuses_options(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "option set B" in err and "xla_cpu_no_such_option" in err
     assert not (tmp_path / "results.json").exists()
+
+
+# ----- bench_decode -----------------------------------------------------------------------------------------
+
+def test_bench_decode_pairs_rounds_on_the_same_weights(quick_run):
+    """Both sides decode the same saved weights greedily, so their tokens agree; every speedup is the median of
+    the rounds' ratios of the recorded times, and decode is each round's generate less the median prefill."""
+    out, r = quick_run("bench_decode")
+    assert r["tokens_match"] and r["matching_prefix"] == r["new_tokens"] == 16
+    t, n = {k: np.array(v) for k, v in r["generate_seconds_each"].items()}, r["new_tokens"]
+    ours, theirs = ({"prefill": t[f"{who} prefill"],  # a decode step is clamped at 1e-9 s, as documented
+                     "decode": np.maximum((t[f"{who} generate"] - np.median(t[f"{who} prefill"])) / (n - 1), 1e-9)}
+                    for who in ("deepmoe", "transformers"))
+    for part, tokens in (("prefill", r["prompt_len"]), ("decode", 1)):
+        assert len(ours[part]) == r["rounds"] == 2
+        np.testing.assert_allclose(r["deepmoe"][part]["seconds_each"], ours[part], rtol=1e-12)
+        np.testing.assert_allclose(r["transformers"][part]["speedup_each"], theirs[part] / ours[part], rtol=1e-12)
+        assert r["transformers"][part]["speedup"] == pytest.approx(float(np.median(theirs[part] / ours[part])))
+        assert r["deepmoe"][part]["tokens_per_s"] == pytest.approx(tokens / float(np.median(ours[part])))
+    _pngs(out, r)
+
+
+def test_bench_decode_refuses_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _load("bench_decode").main(["--quick", "--new-tokens", "1", "--out", str(tmp_path)])
+    assert "--new-tokens must be at least 2, got 1" in capsys.readouterr().err and not any(tmp_path.iterdir())

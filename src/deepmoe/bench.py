@@ -266,10 +266,8 @@ def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir
         runs.update({"transformers prefill": lambda: rival(1), "transformers generate": lambda: rival(new_tokens)})
     times = interleaved_times(runs, repeats)
 
-    def decode(who):  # per round: a decode step's seconds. Less the median prefill, not the round's own: one
-        # spike in a short prefill run (seen: 706 ms among ~80) would otherwise void the round's decode.
-        prefill = statistics.median(times[f"{who} prefill"])
-        return [max((full - prefill) / (new_tokens - 1), 1e-9) for full in times[f"{who} generate"]]
+    def decode(who):
+        return decode_step_seconds(times[f"{who} prefill"], times[f"{who} generate"], new_tokens)
 
     result = {"prefill": timing(times["deepmoe prefill"], prompt.size),
               "decode": {**timing(decode("deepmoe"), prompt.shape[0]),
@@ -285,6 +283,14 @@ def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir
     if trace_dir:
         result["profile"] = summary(profile_decode_step(cfg, params, prompt, new_tokens, trace_dir))
     return result
+
+
+def decode_step_seconds(prefills: list[float], generates: list[float], new_tokens: int) -> list[float]:
+    """Per round: a decode step's seconds, (a generate of `new_tokens` - the median prefill) / (new_tokens - 1),
+    at least 1e-9. Less the median prefill, not the round's own: one spike in a short prefill run (seen: 706 ms
+    among ~80) would otherwise void the round's decode."""
+    prefill = statistics.median(prefills)
+    return [max((full - prefill) / (new_tokens - 1), 1e-9) for full in generates]
 
 
 def profile_decode_step(cfg, params, prompt, steps: int, trace_dir: str) -> dict[str, Any]:
