@@ -1,5 +1,6 @@
 """`deepmoe bench` on `tiny`: its JSON holds what the README tables quote, and MFU is the documented formula
-(model FLOPs per token from deepmoe.plan x tokens/s / the better of the two peak measurements); --profile adds
+(model FLOPs per token from deepmoe.plan x tokens/s / the better of the two peak measurements, and per round
+against the peak's matmul timed in the same round); --profile adds
 the per-component breakdown of both timed programs; decode MBU is the documented formula over the bytes the
 planner counts and the cache prefill allocates; --profile also breaks a decode step down; --compare-transformers
 times transformers in alternation with us and reports the median of the rounds' time ratios."""
@@ -47,6 +48,15 @@ def test_bench_json_and_mfu_formula(tmp_path, capsys):
     assert peak >= r["peak_flops_first_measurement"]["float32"] > 0
     assert abs(r["forward"]["mfu"] - flops["forward"] * r["forward"]["tokens_per_s"] / peak) < 1e-12
     assert abs(r["train"]["mfu"] - flops["model"] * r["train"]["tokens_per_s"] / peak) < 1e-12
+    # paired MFU: per round against that round's time of the peak's square matmul (2 n^3 FLOPs, n >= 2048)
+    n = round((r["peak_matmul_flops"] / 2) ** (1 / 3))
+    assert n >= 2048 and r["peak_matmul_flops"] == 2.0 * n ** 3
+    for part, part_flops in (("forward", flops["forward"]), ("train", flops["model"])):
+        seconds, peak_s = np.array(r[part]["seconds_each"]), np.array(r[part]["peak_seconds_each"])
+        assert len(seconds) == len(peak_s) == 2
+        each = part_flops * 32 / seconds * peak_s / (2.0 * n ** 3)
+        np.testing.assert_allclose(r[part]["mfu_paired_each"], each, rtol=1e-12)
+        assert r[part]["mfu_paired"] == pytest.approx(float(np.median(each)), rel=1e-12)
     assert r["forward"]["tokens_per_s"] == 32 / r["forward"]["seconds"] == 32 / np.median(r["forward"]["seconds_each"])
     _assert_paired_speedups(r, {"forward": 32, "train": 32})
     assert (tmp_path / "tiny-vs-transformers.png").read_bytes()[:4] == b"\x89PNG"

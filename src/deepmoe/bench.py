@@ -11,7 +11,8 @@ Measured, in one process:
   compare without); the train step donates its state, as the training loop does;
 - MFU = model FLOPs per token x tokens/s / measured peak of the compute dtype. Model FLOPs per token come from
   `deepmoe.plan.flops_per_token` (2 x active matmul parameters + attention 4*H*c*keys + indexer terms; a train
-  step counts 3x the forward, no remat);
+  step counts 3x the forward, no remat); also per round against the peak's matmul timed in the same round
+  (`paired_mfu`: the median, each round's in the JSON), as the peak of a shared machine moves;
 - prefill and decode tokens/s (`deepmoe.infer.generate`, greedy, over per-layer weights converted once);
 - decode MBU (memory-bandwidth utilisation, decode's MFU) = bytes a step must read x steps/s / measured read
   bandwidth. Bytes: the weights of `deepmoe.plan.decode_weight_bytes` (every matrix once, the routed experts
@@ -94,8 +95,29 @@ def interleaved_times(runs: dict[str, Callable[[], Any]], repeats: int, pause_s:
     return times
 
 
-def _rival(run: Callable[[], Any] | None) -> dict[str, Callable[[], Any]]:
-    return {"transformers": run} if run else {}
+def _others(rival: Callable[[], Any] | None, peak: Callable[[], Any] | None) -> dict[str, Callable[[], Any]]:
+    """The runs timed in alternation with ours: transformers' (rival) and the peak's matmul (peak)."""
+    return {**({"transformers": rival} if rival else {}), **({"peak": peak} if peak else {})}
+
+
+def _paired(result: dict[str, Any], times: dict[str, list[float]], work: float) -> dict[str, Any]:
+    """`result` plus transformers' timing and our speedup over it, and each round's seconds of the peak's
+    matmul, where they ran."""
+    if "transformers" in times:
+        result["transformers"] = versus(times["deepmoe"], times["transformers"], work)
+    if "peak" in times:
+        result["peak_seconds_each"] = times["peak"]
+    return result
+
+
+def paired_mfu(part: dict[str, Any], flops_per_token: float, peak_flops: float, work: float) -> dict[str, Any]:
+    """MFU per round against the peak measured in the same round: model FLOPs of the round's tokens / its
+    seconds / (`peak_flops`, the FLOPs of one peak matmul, / that round's matmul seconds). Their median, and
+    each round's. On a shared machine the peak itself moves (seen: 219-303 GFLOP/s on one VM within an hour),
+    so an MFU against a peak measured minutes apart moves with it."""
+    each = [flops_per_token * work / seconds / (peak_flops / peak_s)
+            for seconds, peak_s in zip(part["seconds_each"], part["peak_seconds_each"], strict=True)]
+    return {"mfu_paired": statistics.median(each), "mfu_paired_each": each}
 
 
 def timing(seconds: list[float], work: float) -> dict[str, Any]:
@@ -133,9 +155,9 @@ def peak_matmul_size(seconds_at: Callable[[int], float], size: int = 2048, min_s
     return size
 
 
-def measure_peak_flops(dtype: str, size: int | None = None, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul in `dtype` (the machine's practical peak for that dtype); size: the
-    product's side (default `peak_matmul_size`)."""
+def peak_matmul(dtype: str, size: int | None = None) -> tuple[Callable[[], Any], float]:
+    """(run, FLOPs): a run of the square matmul in `dtype` that the peak is measured on (returns once done) and
+    its FLOPs; size: the product's side (default `peak_matmul_size`)."""
     import jax
     import jax.numpy as jnp
 
@@ -152,8 +174,14 @@ def measure_peak_flops(dtype: str, size: int | None = None, repeats: int = 5) ->
 
     size = size or peak_matmul_size(seconds_at)
     a, b = operands(size)
-    best = min(_median_time(lambda: matmul(a, b), 1) for _ in range(repeats))
-    return 2.0 * size ** 3 / best
+    return (lambda: jax.block_until_ready(matmul(a, b))), 2.0 * size ** 3
+
+
+def measure_peak_flops(dtype: str, size: int | None = None, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul in `dtype` (the machine's practical peak for that dtype), the best of
+    `repeats` runs; size: the product's side (default `peak_matmul_size`)."""
+    run, flops = peak_matmul(dtype, size)
+    return flops / min(_median_time(run, 1) for _ in range(repeats))
 
 
 def measure_read_bandwidth(nbytes: float, repeats: int = 10) -> dict[str, float]:
@@ -182,8 +210,9 @@ def _memory(compiled) -> dict[str, int]:
 
 
 def bench_forward(cfg, params, ids, repeats: int, trace_dir: str | None = None,
-                  rival: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """rival: transformers' forward on the same ids, timed in alternation with ours (`result["transformers"]`)."""
+                  rival: Callable[[], Any] | None = None, peak: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """rival: transformers' forward on the same ids, timed in alternation with ours (`result["transformers"]`);
+    peak: the peak's matmul, timed in the same rounds (`result["peak_seconds_each"]`, for `paired_mfu`)."""
     import jax
 
     import deepmoe as dm
@@ -197,12 +226,10 @@ def bench_forward(cfg, params, ids, repeats: int, trace_dir: str | None = None,
     start = time.perf_counter()
     compiled = fn.lower(params, ids).compile()
     compile_s = time.perf_counter() - start
-    runs = {"deepmoe": lambda: jax.block_until_ready(compiled(params, ids)), **_rival(rival)}
+    runs = {"deepmoe": lambda: jax.block_until_ready(compiled(params, ids)), **_others(rival, peak)}
     times = interleaved_times(runs, repeats)
-    result = {"compile_s": compile_s, **timing(times["deepmoe"], ids.size), "memory": _memory(compiled),
-              "layout": "layers" if "layers" in params else "segments"}
-    if rival:
-        result["transformers"] = versus(times["deepmoe"], times["transformers"], ids.size)
+    result = _paired({"compile_s": compile_s, **timing(times["deepmoe"], ids.size), "memory": _memory(compiled),
+                      "layout": "layers" if "layers" in params else "segments"}, times, ids.size)
     if trace_dir:
         result["profile"] = summary(profile_runs(lambda: compiled(params, ids), [(compiled.as_text(), None)],
                                                  trace_dir))
@@ -210,8 +237,8 @@ def bench_forward(cfg, params, ids, repeats: int, trace_dir: str | None = None,
 
 
 def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None,
-                rival: Callable[[], Any] | None = None) -> dict[str, Any]:
-    """rival: transformers' AdamW step on the same ids, timed in alternation with ours."""
+                rival: Callable[[], Any] | None = None, peak: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """rival: transformers' AdamW step on the same ids, timed in alternation with ours; peak: as bench_forward."""
     import jax
 
     from deepmoe import train
@@ -232,10 +259,8 @@ def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None,
         state, metrics = step(state, batch)
         return jax.block_until_ready(metrics)
 
-    times = interleaved_times({"deepmoe": run, **_rival(rival)}, repeats)
-    result = {"compile_plus_first_step_s": compile_s, **timing(times["deepmoe"], ids.size)}
-    if rival:
-        result["transformers"] = versus(times["deepmoe"], times["transformers"], ids.size)
+    times = interleaved_times({"deepmoe": run, **_others(rival, peak)}, repeats)
+    result = _paired({"compile_plus_first_step_s": compile_s, **timing(times["deepmoe"], ids.size)}, times, ids.size)
     if trace_dir:  # the step's two programs (deepmoe.train.step.TrainStep), compiled again only for their HLO
         grads, stats = step.gradients(state.params, state.step, batch)
         programs = [(step.gradients.lower(state.params, state.step, batch).compile().as_text(), None),
@@ -393,13 +418,14 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
     if compare:
         log("building transformers' model (timed in alternation with deepmoe's programs) ...")
         rivals = transformers_runs(cfg, np.asarray(ids))
+    peak_run, peak_matmul_flops = peak_matmul(cfg.compute_dtype)  # also timed in every round: paired MFU
     log("forward ...")
     result["forward"] = bench_forward(cfg, params, ids, repeats, trace_dir and os.path.join(trace_dir, "forward"),
-                                      rival=rivals.get("forward"))
+                                      rival=rivals.get("forward"), peak=peak_run)
     if "train" not in skip:
         log("train step ...")
         result["train"] = bench_train(cfg, ids, repeats, trace_dir and os.path.join(trace_dir, "train"),
-                                      rival=rivals.get("train"))
+                                      rival=rivals.get("train"), peak=peak_run)
     if "decode" not in skip:
         log("prefill + decode ...")
         result["generate"] = bench_generate(cfg.replace(num_mtp_layers=0), params, ids[:, : min(64, seq)],
@@ -425,9 +451,11 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
     result["peak_flops"] = {d: max(first, measure_peak_flops(d)) for d, first in first_peak.items()}
     result["peak_flops_first_measurement"] = first_peak
     peak = result["peak_flops"][cfg.compute_dtype]
-    result["forward"]["mfu"] = flops["forward"] * result["forward"]["tokens_per_s"] / peak
-    if "train" in result:
-        result["train"]["mfu"] = flops["model"] * result["train"]["tokens_per_s"] / peak
+    result["peak_matmul_flops"] = peak_matmul_flops
+    for part, part_flops in (("forward", flops["forward"]), ("train", flops["model"])):
+        if part in result:
+            result[part]["mfu"] = part_flops * result[part]["tokens_per_s"] / peak
+            result[part].update(paired_mfu(result[part], part_flops, peak_matmul_flops, ids.size))
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats = jax.devices()[0].memory_stats()  # None on CPU
     if stats:
@@ -441,17 +469,25 @@ def _spread(part: dict[str, Any]) -> str:
     return f"{len(each)} runs within {100 * (max(each) - min(each)) / part['seconds']:.0f}%"
 
 
+def _paired_mfu_text(part: dict[str, Any]) -> str:
+    each = part["mfu_paired_each"]
+    return (f"(against the peak matmul timed in the same round: {100 * part['mfu_paired']:.1f}%, rounds "
+            f"{100 * min(each):.1f}-{100 * max(each):.1f}%)")
+
+
 def format_result(r: dict[str, Any]) -> str:
     lines = [f"backend {r['backend']} ({r['cpu_count']} cores), batch {r['batch']} x seq {r['seq']}",
              f"peak matmul: fp32 {r['peak_flops']['float32'] / 1e9:.1f} GFLOP/s, "
              f"bf16 {r['peak_flops']['bfloat16'] / 1e9:.1f} GFLOP/s"]
     f = r["forward"]
-    lines.append(f"forward: {f['tokens_per_s']:.0f} tok/s ({_spread(f)}), MFU {100 * f['mfu']:.1f}%, "
+    lines.append(f"forward: {f['tokens_per_s']:.0f} tok/s ({_spread(f)}), MFU {100 * f['mfu']:.1f}% "
+                 f"{_paired_mfu_text(f)}, "
                  f"compile {f['compile_s']:.1f}s, temp memory {f['memory'].get('temp_size_in_bytes', 0) / 2**20:.1f} "
                  f"MiB, params as {f['layout']}")
     if "train" in r:
         t = r["train"]
-        lines.append(f"train step: {t['tokens_per_s']:.0f} tok/s ({_spread(t)}), MFU {100 * t['mfu']:.1f}%")
+        lines.append(f"train step: {t['tokens_per_s']:.0f} tok/s ({_spread(t)}), MFU {100 * t['mfu']:.1f}% "
+                     f"{_paired_mfu_text(t)}")
     if "generate" in r:
         g = r["generate"]
         lines.append(f"prefill {g['prefill_tokens_per_s']:.0f} tok/s ({_spread(g['prefill'])}), "
