@@ -2,9 +2,9 @@
 
 Writes a bf16 HF-layout checkpoint of a V4-shaped config (sharded into ~256 MB files), then loads it in a fresh
 process and reports wall time and peak RSS relative to the size of the loaded parameters. Results go to
-runs/bench_load/result.json.
+OUT/result.json (--out, default runs/bench_load).
 
-    python experiments/bench_load.py [--quick]
+    python experiments/bench_load.py [--quick] [--out DIR]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def _load(directory: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="~120 MB instead of ~1 GB")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_load"), help="output directory")
     parser.add_argument("--_write", help=argparse.SUPPRESS)
     parser.add_argument("--_load", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -72,11 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = sum(f.stat().st_size for f in Path(tmp).glob("*.safetensors"))
         out = subprocess.run([sys.executable, __file__, "--_load", tmp], check=True, capture_output=True, text=True)
         result = {"checkpoint_bytes": checkpoint, **json.loads(out.stdout.strip().splitlines()[-1])}
-    out_dir = Path("runs/bench_load")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "result.json").write_text(json.dumps(result, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "result.json").write_text(json.dumps(result, indent=2))
     print(f"checkpoint {checkpoint / 2**20:.0f} MiB loaded in {result['seconds']:.1f}s; peak RSS growth "
-          f"{result['rss_growth_bytes'] / 2**20:.0f} MiB = {result['rss_growth_over_result']:.2f}x the loaded params")
+          f"{result['rss_growth_bytes'] / 2**20:.0f} MiB = {result['rss_growth_over_result']:.2f}x the loaded params; "
+          f"wrote {args.out / 'result.json'}")
     return 0
 
 
