@@ -100,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt = np.random.default_rng(0).integers(3, cfg.vocab_size, (args.batch, args.prompt_len)).astype(np.int32)
     ids = torch.as_tensor(prompt, dtype=torch.long)
     speculative = args.speculative and cfg.num_mtp_layers > 0
+    if args.speculative and not speculative:
+        print(f"--speculative: preset {args.preset} has no MTP module to draft with; timing greedy decoding only")
     last = {}  # the latest result of each of our runs: tokens, and the acceptance rate
 
     def ours(n, spec=False):
@@ -138,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = {"tokens_match": bool(np.array_equal(tokens, their_tokens)), "matching_prefix": int(np.argmax(differs))}
     print(f"{'':<22}{'prefill tok/s':>16}{'decode tok/s':>16}")
     for name, side in (("deepmoe", 0), ("transformers", 1)):
-        prefill, decode_ = parts["prefill"][side], parts["decode"][side]
-        print(f"{name:<22}{prefill['tokens_per_s']:>16.1f}{decode_['tokens_per_s']:>16.1f}")
+        prefill, step = parts["prefill"][side], parts["decode"][side]
+        print(f"{name:<22}{prefill['tokens_per_s']:>16.1f}{step['tokens_per_s']:>16.1f}")
     if speculative:
         spec = bench.timing(decode("deepmoe", "deepmoe speculative generate"), per_step)
         spec_tokens = np.asarray(last[(args.new_tokens, True)].tokens)
@@ -163,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      torch_threads=torch.get_num_threads(), jax_device=str(jax.devices()[0]),
                      deepmoe={part: mine for part, (mine, _) in parts.items()},
                      transformers={part: other for part, (_, other) in parts.items()},
-                     generate_seconds_each=times, median_seconds={k: statistics.median(v) for k, v in times.items()},
+                     seconds_each=times, median_seconds={k: statistics.median(v) for k, v in times.items()},
                      **report)
     return 0
 

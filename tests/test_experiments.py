@@ -361,7 +361,7 @@ def test_bench_decode_pairs_rounds_on_the_same_weights(quick_run):
     the rounds' ratios of the recorded times, and decode is each round's generate less the median prefill."""
     out, r = quick_run("bench_decode")
     assert r["tokens_match"] and r["matching_prefix"] == r["new_tokens"] == 16
-    t, n = {k: np.array(v) for k, v in r["generate_seconds_each"].items()}, r["new_tokens"]
+    t, n = {k: np.array(v) for k, v in r["seconds_each"].items()}, r["new_tokens"]
     ours, theirs = ({"prefill": t[f"{who} prefill"],  # a decode step is clamped at 1e-9 s, as documented
                      "decode": np.maximum((t[f"{who} generate"] - np.median(t[f"{who} prefill"])) / (n - 1), 1e-9)}
                     for who in ("deepmoe", "transformers"))
