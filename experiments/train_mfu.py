@@ -84,12 +84,18 @@ def run_variant(cfg, kernels: str, args, bench=None) -> dict:
         return {"batch": batch, "plan": planned(cfg, args, batch), **{k: r[k] for k in keep if k in r}}
 
 
+def _paired(part: dict) -> str:
+    """The MFU against the peak's matmul timed in the same rounds (`deepmoe.bench.paired_mfu`), where measured."""
+    return f", {100 * part['mfu_paired']:.1f} % paired" if "mfu_paired" in part else ""
+
+
 def describe(r: dict, dtype: str) -> str:
     if "error" in r:
         return f"failed at batch {r['batch']}: {r['error'].splitlines()[0][:200]}"
     t, f = r["train"], r["forward"]
-    return (f"batch {r['batch']}: train {t['tokens_per_s']:,.0f} tok/s, MFU {100 * t['mfu']:.1f} % (target "
-            f"{100 * TARGET:.0f} %); forward {f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['mfu']:.1f} %; "
+    return (f"batch {r['batch']}: train {t['tokens_per_s']:,.0f} tok/s, MFU {100 * t['mfu']:.1f} %{_paired(t)} "
+            f"(target {100 * TARGET:.0f} %); forward {f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['mfu']:.1f} %"
+            f"{_paired(f)}; "
             f"peak {r['peak_flops'][dtype] / 1e12:.1f} TFLOP/s {dtype}")
 
 
