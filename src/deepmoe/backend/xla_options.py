@@ -4,7 +4,7 @@
 XLA:CPU hands reductions to YNNPACK by default. For the reductions this model is made of (mHC's sums over
 4 streams in a middle axis, Sinkhorn's 4x4 row / column sums, their transposes in the backward pass) YNNPACK
 runs 10-30x slower than XLA's own fused loops: keeping YNNPACK for dots only made the `mini` train step ~1.5x
-faster (measured with `deepmoe bench`, see README "Performance"). The option is experimental in XLA, so it is
+faster (measured with `deepmoe bench`, see docs/performance.md). The option is experimental in XLA, so it is
 probed once and silently dropped where this jaxlib does not know it; other platforms get no options. With more
 than one CPU device (a simulated mesh, or CPU processes in a multi-process run) one more option keeps collectives
 from deadlocking (CPU_MESH_OPTIONS). Set DEEPMOE_XLA_OPTIONS=0 to compile with XLA's defaults. The train step's
