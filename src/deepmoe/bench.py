@@ -56,18 +56,6 @@ from deepmoe.profile import format_profile, plot_profiles, profile_runs, summary
 PROFILED = (("forward", "forward"), ("train", "train step"), ("generate", "decode step"))  # result key, title
 
 
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def interleaved_times(runs: dict[str, Callable[[], Any]], repeats: int, pause_s: float = 0.05,
                       clock: Callable[[], float] = time.perf_counter,
                       sleep: Callable[[float], None] = time.sleep) -> dict[str, list[float]]:
@@ -93,6 +81,13 @@ def interleaved_times(runs: dict[str, Callable[[], Any]], repeats: int, pause_s:
             run()
             times[name].append(clock() - start)
     return times
+
+
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+    """The fastest of `repeats` back-to-back calls of `fn` (a JAX computation) after one warm-up."""
+    import jax
+
+    return min(interleaved_times({"run": lambda: jax.block_until_ready(fn())}, repeats)["run"])
 
 
 def _others(rival: Callable[[], Any] | None, peak: Callable[[], Any] | None) -> dict[str, Callable[[], Any]]:
@@ -170,7 +165,7 @@ def peak_matmul(dtype: str, size: int | None = None) -> tuple[Callable[[], Any],
 
     def seconds_at(n):
         a, b = operands(n)
-        return _median_time(lambda: matmul(a, b), 1)
+        return _best_time(lambda: matmul(a, b), 1)
 
     size = size or peak_matmul_size(seconds_at)
     a, b = operands(size)
@@ -181,7 +176,7 @@ def measure_peak_flops(dtype: str, size: int | None = None, repeats: int = 5) ->
     """FLOP/s of a large square matmul in `dtype` (the machine's practical peak for that dtype), the best of
     `repeats` runs; size: the product's side (default `peak_matmul_size`)."""
     run, flops = peak_matmul(dtype, size)
-    return flops / min(_median_time(run, 1) for _ in range(repeats))
+    return flops / _best_time(run, repeats)
 
 
 def measure_read_bandwidth(nbytes: float, repeats: int = 10) -> dict[str, float]:
@@ -196,9 +191,7 @@ def measure_read_bandwidth(nbytes: float, repeats: int = 10) -> dict[str, float]
     rows = min(max(int(nbytes), 16 * 2**20), 2**30) // (4 * 1024)
     x = jnp.ones((rows, 1024), jnp.float32)
     total = jax.jit(jnp.sum)
-    jax.block_until_ready(total(x))
-    best = min(_median_time(lambda: total(x), 1) for _ in range(repeats))
-    return {"bytes": float(x.nbytes), "bytes_per_s": x.nbytes / best}
+    return {"bytes": float(x.nbytes), "bytes_per_s": x.nbytes / _best_time(lambda: total(x), repeats)}
 
 
 def _memory(compiled) -> dict[str, int]:
