@@ -266,17 +266,21 @@ def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None,
 def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir: str | None = None,
                    rival: Callable[[int], Any] | None = None) -> dict[str, Any]:
     """Prefill: a generate of one token; decode: (a generate of `new_tokens` - the median prefill) /
-    (new_tokens - 1), per round. rival(n): transformers' generate of n tokens after the same prompt, timed in
-    alternation with ours."""
+    (new_tokens - 1), per round; both over a cache of prompt + new_tokens positions. rival(n): transformers'
+    generate of n tokens after the same prompt, timed in alternation with ours."""
     import jax
 
     from deepmoe.infer.generate import generate
     from deepmoe.params import unstack_layers
 
     params = unstack_layers(params, cfg)  # once, as a server would; generate would copy at every call
+    # One cache length for every run: the prefill a round subtracts from its generate is then the same program
+    # (one compilation, the same cache to fill) as the generate's own.
+    max_len = prompt.shape[1] + new_tokens
 
     def run(n):
-        return jax.block_until_ready(generate(params, cfg, prompt, max_new_tokens=n, stop_tokens=()).tokens)
+        return jax.block_until_ready(generate(params, cfg, prompt, max_new_tokens=n, stop_tokens=(),
+                                              max_len=max_len).tokens)
 
     # interleaved_times' warm-up call of each compiles prefill and decode
     runs = {"deepmoe prefill": lambda: run(1), "deepmoe generate": lambda: run(new_tokens)}
@@ -299,7 +303,7 @@ def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir
             "decode": {**versus(decode("deepmoe"), decode("transformers"), prompt.shape[0]),
                        "generate_seconds_each": times["transformers generate"]}}
     if trace_dir:
-        result["profile"] = summary(profile_decode_step(cfg, params, prompt, new_tokens, trace_dir))
+        result["profile"] = summary(profile_decode_step(cfg, params, prompt, max_len, trace_dir))
     return result
 
 
@@ -311,9 +315,10 @@ def decode_step_seconds(prefills: list[float], generates: list[float], new_token
     return [max((full - prefill) / (new_tokens - 1), 1e-9) for full in generates]
 
 
-def profile_decode_step(cfg, params, prompt, steps: int, trace_dir: str) -> dict[str, Any]:
-    """Trace `steps` decode steps after `prompt` (its own jitted step, over the same per-layer weights; generate
-    runs that step inside an on-device loop) and break their op time down by model component."""
+def profile_decode_step(cfg, params, prompt, max_len: int, trace_dir: str) -> dict[str, Any]:
+    """Trace the decode steps after `prompt` that fill a cache of `max_len` positions (its own jitted step, over
+    the same per-layer weights and the same prefill program as generate's, which runs that step inside an
+    on-device loop) and break their op time down by model component."""
     import jax
     import jax.numpy as jnp
 
@@ -321,7 +326,10 @@ def profile_decode_step(cfg, params, prompt, steps: int, trace_dir: str) -> dict
 
     params = main_params(params)  # as generate: the step's arguments without the MTP module
     lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
-    state = {"cache": prefill_jit(params, cfg, prompt, lengths, max_len=prompt.shape[1] + steps + 2).cache}
+    steps = max_len - prompt.shape[1] - 1  # and one untimed step first
+    if steps < 1:
+        raise ValueError(f"max_len={max_len} leaves no decode step to trace after {prompt.shape[1]} prompt tokens")
+    state = {"cache": prefill_jit(params, cfg, prompt, lengths, max_len=max_len, moe_strategy="auto").cache}
     token = jnp.zeros((prompt.shape[0],), jnp.int32)
     text = decode_step_jit.lower(params, cfg, state["cache"], token).compile().as_text()
 
