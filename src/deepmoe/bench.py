@@ -329,6 +329,7 @@ def profile_decode_step(cfg, params, prompt, max_len: int, trace_dir: str) -> di
     steps = max_len - prompt.shape[1] - 1  # and one untimed step first
     if steps < 1:
         raise ValueError(f"max_len={max_len} leaves no decode step to trace after {prompt.shape[1]} prompt tokens")
+    # moe_strategy passed as generate passes it: jit tells an omitted default from an explicit one
     state = {"cache": prefill_jit(params, cfg, prompt, lengths, max_len=max_len, moe_strategy="auto").cache}
     token = jnp.zeros((prompt.shape[0],), jnp.int32)
     text = decode_step_jit.lower(params, cfg, state["cache"], token).compile().as_text()
