@@ -21,6 +21,7 @@ import functools
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -140,7 +141,7 @@ def growth_exponent(ts, values):
     return float(np.polyfit(x, y, 1)[0])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small T range, fewer repeats")
     parser.add_argument("--grad", action="store_true", help="time forward + backward instead of forward only")
@@ -148,13 +149,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--kernels", nargs="*", default=None, help="subset of kernel names")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_kernels"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     seqs = args.seq or ([256, 512, 1024] if args.quick else [256, 512, 1024, 2048, 4096])
     repeats = args.repeats or (3 if args.quick else 5)
     platform = jax.default_backend()
     interpret = platform not in pk.AUTO_PALLAS_PLATFORMS
     pallas_kw = lambda impl: {"interpret": interpret} if impl == "pallas" else {}
+    known = list(problems(min(seqs), pallas_kw))
+    unknown = sorted(set(args.kernels or ()) - set(known))
+    if unknown:  # else they would be skipped in silence, leaving an empty table
+        parser.error(f"unknown kernel name(s) {', '.join(unknown)}; known: {', '.join(known)}")
     print(f"platform={platform} pallas={'interpreted' if interpret else 'compiled'} grad={args.grad} T={seqs}")
 
     rows = []
@@ -183,6 +188,7 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows, memory_exponent=summary), indent=1))
     plot(rows, summary, args.out / "bench_kernels.png", meta)
     print(f"wrote {args.out / 'results.json'} and {args.out / 'bench_kernels.png'}")
+    return 0
 
 
 def print_table(rows, summary, seqs):
@@ -226,4 +232,4 @@ def plot(rows, summary, path, meta):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

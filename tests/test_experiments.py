@@ -378,3 +378,46 @@ def test_bench_decode_refuses_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _load("bench_decode").main(["--quick", "--new-tokens", "1", "--out", str(tmp_path)])
     assert "--new-tokens must be at least 2, got 1" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def test_bench_load_reports_the_checkpoint_it_loaded(tmp_path, capsys):
+    """bench_load --quick writes a bf16 checkpoint and loads it in a fresh process: the loaded bytes are the
+    config's parameters as described (abstract_params), the files hold those bytes plus their headers, and the
+    reported ratio is its two measurements'."""
+    module = _load("bench_load")
+    assert module.main(["--quick", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "result.json").read_text())
+    described = dm.abstract_params(module._config(True).replace(param_dtype="bfloat16"))
+    assert r["result_bytes"] == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(described))
+    assert r["result_bytes"] <= r["checkpoint_bytes"] < 1.01 * r["result_bytes"]
+    assert r["rss_growth_over_result"] == pytest.approx(r["rss_growth_bytes"] / r["result_bytes"], rel=1e-12)
+    assert r["seconds"] > 0 and r["peak_rss_bytes"] >= r["rss_growth_bytes"] > 0
+    assert f"wrote {tmp_path / 'result.json'}" in capsys.readouterr().out
+
+
+def test_bench_kernels_memory_grows_as_the_attention_forms_say(tmp_path, capsys):
+    """bench_kernels on the window attention (T = 256, 512, 1024): each implementation's memory exponent is the
+    least-squares slope of its recorded log temporaries against log T; the blocked reference and the Pallas
+    kernel grow ~T^1 (O(T * window)) and the dense oracle ~T^2, holding at least its fp32 [B, H, T, T] scores."""
+    module = _load("bench_kernels")
+    seqs = [256, 512, 1024]
+    assert module.main(["--kernels", "window_attention", "--seq", *map(str, seqs), "--repeats", "1",
+                        "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "bench_kernels.png").read_bytes()[:4] == b"\x89PNG"
+    exponents = r["memory_exponent"]
+    assert set(exponents) == {f"window_attention/{impl}" for impl in ("pallas", "reference", "dense")}
+    for key, exponent in exponents.items():
+        impl = key.split("/")[1]
+        rows = [row for row in r["rows"] if row["impl"] == impl]
+        assert [row["T"] for row in rows] == seqs
+        slope = np.polyfit(np.log(seqs), np.log([row["temp_bytes"] for row in rows]), 1)[0]
+        assert exponent == pytest.approx(slope, abs=1e-9)
+        assert abs(exponent - (2 if impl == "dense" else 1)) < 0.15, key
+        if impl == "dense":
+            shapes = r["meta"]["shapes"]
+            assert all(row["temp_bytes"] >= shapes["B"] * shapes["H"] * row["T"] ** 2 * 4 for row in rows)
+    # a name it does not know is refused, not skipped into an empty table
+    with pytest.raises(SystemExit):
+        module.main(["--kernels", "window", "--out", str(tmp_path / "bad")])
+    assert "unknown kernel name(s) window; known: routing" in capsys.readouterr().err
