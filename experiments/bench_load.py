@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,16 +41,17 @@ def _load(directory: Path) -> dict:
     import jax
 
     import deepmoe as dm
+    from deepmoe.bench import peak_rss_bytes
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = peak_rss_bytes()
     start = time.perf_counter()
     cfg, params = dm.load_pretrained(directory, "bfloat16")
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     result_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"seconds": seconds, "result_bytes": result_bytes, "peak_rss_bytes": peak * 1024,
-            "rss_growth_bytes": (peak - base) * 1024, "rss_growth_over_result": (peak - base) * 1024 / result_bytes}
+    peak = peak_rss_bytes()
+    return {"seconds": seconds, "result_bytes": result_bytes, "peak_rss_bytes": peak,
+            "rss_growth_bytes": peak - base, "rss_growth_over_result": (peak - base) / result_bytes}
 
 
 def main(argv: list[str] | None = None) -> int:
