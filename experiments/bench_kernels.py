@@ -156,15 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     platform = jax.default_backend()
     interpret = platform not in pk.AUTO_PALLAS_PLATFORMS
     pallas_kw = lambda impl: {"interpret": interpret} if impl == "pallas" else {}
-    known = list(problems(min(seqs), pallas_kw))
-    unknown = sorted(set(args.kernels or ()) - set(known))
-    if unknown:  # else they would be skipped in silence, leaving an empty table
-        parser.error(f"unknown kernel name(s) {', '.join(unknown)}; known: {', '.join(known)}")
     print(f"platform={platform} pallas={'interpreted' if interpret else 'compiled'} grad={args.grad} T={seqs}")
 
     rows = []
     for t in seqs:
-        for name, (inputs, impls) in problems(t, pallas_kw).items():
+        kernels = problems(t, pallas_kw)
+        unknown = sorted(set(args.kernels or ()) - set(kernels))
+        if unknown:  # else they would be skipped in silence, leaving an empty table
+            parser.error(f"unknown kernel name(s) {', '.join(unknown)}; known: {', '.join(kernels)}")
+        for name, (inputs, impls) in kernels.items():
             if args.kernels and name not in args.kernels:
                 continue
             for impl, fn in impls.items():

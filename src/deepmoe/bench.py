@@ -308,7 +308,7 @@ def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir
     result = {"prefill": timing(times["deepmoe prefill"], prompt.size),
               "decode": {**timing(decode("deepmoe"), prompt.shape[0]),
                          "generate_seconds_each": times["deepmoe generate"]},
-              "bytes_per_step": decode_step_bytes(cfg, prompt.shape[0], prompt.shape[1] + new_tokens)}
+              "bytes_per_step": decode_step_bytes(cfg, prompt.shape[0], max_len)}
     result["prefill_tokens_per_s"] = result["prefill"]["tokens_per_s"]
     result["decode_tokens_per_s"] = result["decode"]["tokens_per_s"]
     if rival:
