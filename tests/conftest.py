@@ -18,6 +18,11 @@ _CACHE = Path(__file__).resolve().parent.parent / ".jax_cache"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# XLA:CPU compiles with LLVM at -O0 (jax_disable_most_optimizations). Every HLO pass still runs, so fusions,
+# layouts, buffers and collectives are those users get; results differ only in rounding, which the tests'
+# tolerances absorb. Most tests compile a program and run it once or twice, and compiling is most of the suite:
+# from an empty cache on 2 cores it took 16.5 min instead of 22 (docs/performance.md, fourteenth session).
+jax.config.update("jax_disable_most_optimizations", True)
 
 from deepmoe.backend.host_memory import keep_host_buffers  # noqa: E402
 

@@ -156,20 +156,18 @@ def test_sequence_attention_flops_by_hand():
 def test_mhc_variant_is_deepmoe_forward():
     """The ablation's mHC path is the model's: identical logits (bit for bit) on a scanned and a mixed schedule."""
     from deepmoe.ablations import residual_forward
-    from deepmoe.experiment import fast_compile
 
     exp = _load("ablation_residual")
-    with fast_compile():
-        for cfg in (exp.model_config(3), dm.preset("tiny", num_layers=2, layer_types=("csa", "hca"),
-                                                    num_mtp_layers=0, sinkhorn_iterations=3)):
-            params = dm.init_params(cfg, jax.random.key(0))
-            ids = jax.random.randint(jax.random.key(1), (2, 32), 3, cfg.vocab_size)
-            ref = jax.jit(lambda p, i: dm.forward(p, cfg, i, mtp=False).logits)(params, ids)
-            got, trace = jax.jit(lambda p, i: residual_forward(p, cfg, i, "mhc"))(params, ids)
-            np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
-            comb = np.asarray(trace["comb"])  # doubly stochastic: Sinkhorn ends on a column normalisation,
-            np.testing.assert_allclose(comb.sum(-2), 1.0, atol=1e-5)  # rows converge with the iterations
-            np.testing.assert_allclose(comb.sum(-1), 1.0, atol=1e-5 if cfg.sinkhorn_iterations >= 20 else 1e-2)
+    for cfg in (exp.model_config(3), dm.preset("tiny", num_layers=2, layer_types=("csa", "hca"),
+                                                num_mtp_layers=0, sinkhorn_iterations=3)):
+        params = dm.init_params(cfg, jax.random.key(0))
+        ids = jax.random.randint(jax.random.key(1), (2, 32), 3, cfg.vocab_size)
+        ref = jax.jit(lambda p, i: dm.forward(p, cfg, i, mtp=False).logits)(params, ids)
+        got, trace = jax.jit(lambda p, i: residual_forward(p, cfg, i, "mhc"))(params, ids)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+        comb = np.asarray(trace["comb"])  # doubly stochastic: Sinkhorn ends on a column normalisation,
+        np.testing.assert_allclose(comb.sum(-2), 1.0, atol=1e-5)  # rows converge with the iterations
+        np.testing.assert_allclose(comb.sum(-1), 1.0, atol=1e-5 if cfg.sinkhorn_iterations >= 20 else 1e-2)
 
 
 def test_ablation_residual_outputs(quick_run):
