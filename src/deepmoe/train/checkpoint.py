@@ -73,7 +73,7 @@ class Checkpointer:
         step = int(state.step)
         host_state = jax.device_get(state.to_dict())
         # checked in numpy on the copy being saved: a jnp check per leaf compiled two small programs per
-        # parameter shape, ~7 s at the first save of `tiny` on a 2-core CPU
+        # parameter shape, ~5 s of the first save of `tiny` on a 2-core CPU
         bad = [jax.tree_util.keystr(path) for path, x in jax.tree_util.tree_leaves_with_path(host_state["params"])
                if jnp.issubdtype(x.dtype, jnp.floating) and not np.isfinite(x).all()]
         if bad:
