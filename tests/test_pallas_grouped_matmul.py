@@ -4,7 +4,6 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import functools  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -12,10 +11,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from pallas_kernels import gmm, gmm_reference  # noqa: E402
-
-# Interpreted kernels are compiled by XLA:CPU; skipping its backend optimisations halves compile time,
-# which dominates these tests.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 CASES = [  # (M, K, N, group sizes, tiling): empty groups, rows past sum(group_sizes), tiles not dividing dims
     (37, 20, 24, (7, 0, 15, 0, 10), (8, 8, 16)),
@@ -41,7 +36,7 @@ def _value_and_grads(impl, lhs, rhs, sizes, dout, tiling):
 def test_gmm_values_and_grads_match_ragged_dot(m, k, n, sizes, tiling):
     lhs, rhs, dout = _inputs(m, k, n, len(sizes))
     sizes = jnp.array(sizes, jnp.int32)
-    run = _jit(_value_and_grads, static_argnums=(0, 5))
+    run = jax.jit(_value_and_grads, static_argnums=(0, 5))
     for name, a, b in zip(("out", "dlhs", "drhs"), run("pallas", lhs, rhs, sizes, dout, tiling),
                           run("reference", lhs, rhs, sizes, dout, tiling)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
@@ -50,7 +45,7 @@ def test_gmm_values_and_grads_match_ragged_dot(m, k, n, sizes, tiling):
 def test_gmm_bf16_accumulates_in_fp32():
     lhs, rhs, dout = _inputs(40, 64, 32, 3, jnp.bfloat16, seed=1)
     sizes = jnp.array([13, 0, 20], jnp.int32)
-    run = _jit(_value_and_grads, static_argnums=(0, 5))
+    run = jax.jit(_value_and_grads, static_argnums=(0, 5))
     for a, b in zip(run("pallas", lhs, rhs, sizes, dout, (16, 16, 16)), run("reference", lhs, rhs, sizes, dout, None)):
         assert a.dtype == b.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=5e-2)

@@ -14,10 +14,6 @@ import pytest  # noqa: E402
 from pallas_kernels import indexer_scores, indexer_topk  # noqa: E402
 from pallas_kernels.indexer import indexer_scores_reference  # noqa: E402
 
-# Interpreted kernels are compiled by XLA:CPU; skipping its backend optimisations halves compile time,
-# which dominates these tests.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
 
 def _inputs(b, t, heads, d, ratio, seed=0, packed=False):
     n = t // ratio
@@ -46,9 +42,9 @@ def _numpy_scores(q, w, k, end_idx, seg=None, eseg=None):
 def test_scores_match_numpy_and_reference():
     q, w, k, end_idx, kw = _inputs(2, 37, 3, 16, 4, packed=True)
     expected = _numpy_scores(q, w, k, end_idx, kw.get("segment_ids"), kw.get("entry_segment_ids"))
-    got = _jit(functools.partial(indexer_scores, **kw, block_q=8, block_n=4, impl="pallas", interpret=True))(
+    got = jax.jit(functools.partial(indexer_scores, **kw, block_q=8, block_n=4, impl="pallas", interpret=True))(
         q, w, k, end_idx)
-    ref = _jit(functools.partial(indexer_scores, **kw, impl="reference"))(q, w, k, end_idx)
+    ref = jax.jit(functools.partial(indexer_scores, **kw, impl="reference"))(q, w, k, end_idx)
     for a in (got, ref):
         assert np.array_equal(np.isinf(a), np.isinf(expected))
         np.testing.assert_allclose(np.where(np.isinf(expected), 0, a), np.where(np.isinf(expected), 0, expected),
@@ -58,13 +54,13 @@ def test_scores_match_numpy_and_reference():
 def test_scores_gradients_match_reference():
     q, w, k, end_idx, _ = _inputs(1, 19, 2, 8, 3, seed=1)
     ct = jax.random.normal(jax.random.key(5), (1, 19, 6))
-    ct = jnp.where(jnp.isfinite(_jit(indexer_scores_reference)(q, w, k, end_idx)), ct, 0.0)
+    ct = jnp.where(jnp.isfinite(jax.jit(indexer_scores_reference)(q, w, k, end_idx)), ct, 0.0)
 
     def grads(impl):
         f = lambda q, w, k: indexer_scores(q, w, k, end_idx, block_q=8, block_n=4, impl=impl, interpret=True)
         return jax.vjp(f, q, w, k)[1](ct)
 
-    for a, b in zip(_jit(lambda: grads("pallas"))(), _jit(lambda: grads("reference"))()):
+    for a, b in zip(jax.jit(lambda: grads("pallas"))(), jax.jit(lambda: grads("reference"))()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -75,10 +71,10 @@ def test_scores_gradients_match_reference():
 ])
 def test_topk_matches_reference(b, t, heads, d, ratio, top_k, block_q, block_n, packed):
     q, w, k, end_idx, kw = _inputs(b, t, heads, d, ratio, seed=2, packed=packed)
-    run = _jit(functools.partial(indexer_topk, top_k=top_k, block_q=block_q, block_n=block_n, **kw,
+    run = jax.jit(functools.partial(indexer_topk, top_k=top_k, block_q=block_q, block_n=block_n, **kw,
                                     impl="pallas", interpret=True))
     idx, valid = run(q, w, k, end_idx)
-    ref_idx, ref_valid = _jit(functools.partial(indexer_topk, top_k=top_k, **kw, impl="reference"))(q, w, k, end_idx)
+    ref_idx, ref_valid = jax.jit(functools.partial(indexer_topk, top_k=top_k, **kw, impl="reference"))(q, w, k, end_idx)
     np.testing.assert_array_equal(valid, ref_valid)
     np.testing.assert_array_equal(idx, ref_idx)
     # Independent of tie handling: the selected scores are the top-k scores of the numpy oracle.
@@ -94,8 +90,8 @@ def test_topk_ties_prefer_lower_index():
     # One indexer head with w = 0 for half the queries: their scores are all exactly 0 (ties everywhere).
     q, w, k, end_idx, _ = _inputs(1, 32, 1, 8, 2, seed=4)
     w = w.at[:, ::2].set(0.0)
-    idx, _ = _jit(functools.partial(indexer_topk, top_k=4, block_q=8, block_n=4, impl="pallas",
+    idx, _ = jax.jit(functools.partial(indexer_topk, top_k=4, block_q=8, block_n=4, impl="pallas",
                                        interpret=True))(q, w, k, end_idx)
-    ref_idx, _ = _jit(functools.partial(indexer_topk, top_k=4, impl="reference"))(q, w, k, end_idx)
+    ref_idx, _ = jax.jit(functools.partial(indexer_topk, top_k=4, impl="reference"))(q, w, k, end_idx)
     np.testing.assert_array_equal(idx, ref_idx)
     np.testing.assert_array_equal(idx[0, 30], [0, 1, 2, 3])

@@ -4,7 +4,6 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import functools  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -12,10 +11,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from pallas_kernels import route, route_reference  # noqa: E402
-
-# Interpreted kernels are compiled by XLA:CPU; skipping its backend optimisations halves compile time,
-# which dominates these tests.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 CASES = [  # (tokens, experts, top_k, block_tokens): blocks that do not divide T, k == E, E not a power of 2
     (37, 10, 3, 16),
@@ -48,17 +43,17 @@ def _numpy_route(logits, bias, k, scale):
 @pytest.mark.parametrize("t,e,k,block", CASES)
 def test_route_pallas_matches_reference(t, e, k, block):
     logits, bias = _inputs(t, e)
-    pallas = _jit(lambda l, b: route(l, b, top_k=k, routed_scaling_factor=1.5, block_tokens=block,
+    pallas = jax.jit(lambda l, b: route(l, b, top_k=k, routed_scaling_factor=1.5, block_tokens=block,
                                         impl="pallas", interpret=True))(logits, bias)
-    ref = _jit(lambda l, b: route_reference(l, b, top_k=k, routed_scaling_factor=1.5))(logits, bias)
+    ref = jax.jit(lambda l, b: route_reference(l, b, top_k=k, routed_scaling_factor=1.5))(logits, bias)
     for name, a, b in zip(ref._fields, pallas, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def test_route_ties_follow_lax_top_k():
     logits, bias = _inputs(33, 12, seed=3, ties=True)
-    pallas = _jit(lambda l, b: route(l, b, top_k=4, block_tokens=16, impl="pallas", interpret=True))(logits, bias)
-    ref = _jit(lambda l, b: route_reference(l, b, top_k=4))(logits, bias)
+    pallas = jax.jit(lambda l, b: route(l, b, top_k=4, block_tokens=16, impl="pallas", interpret=True))(logits, bias)
+    ref = jax.jit(lambda l, b: route_reference(l, b, top_k=4))(logits, bias)
     np.testing.assert_array_equal(pallas.expert_idx, ref.expert_idx)
     np.testing.assert_array_equal(pallas.sort_idx, ref.sort_idx)
 
@@ -75,7 +70,7 @@ def test_route_gradients_match_reference():
 
         return jax.vjp(f, logits, bias)[1](ct)
 
-    for a, b in zip(_jit(lambda: grads("pallas"))(), _jit(lambda: grads("reference"))()):
+    for a, b in zip(jax.jit(lambda: grads("pallas"))(), jax.jit(lambda: grads("reference"))()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -89,7 +84,7 @@ def test_route_reference_matches_numpy(ties):
 
 def test_route_permutation_is_consistent():
     logits, bias = _inputs(37, 10, seed=4)
-    r = _jit(lambda l, b: route(l, b, top_k=3, block_tokens=16, impl="pallas", interpret=True))(logits, bias)
+    r = jax.jit(lambda l, b: route(l, b, top_k=3, block_tokens=16, impl="pallas", interpret=True))(logits, bias)
     experts_sorted = r.expert_idx.reshape(-1)[r.sort_idx]
     assert np.all(np.diff(np.asarray(experts_sorted)) >= 0)
     np.testing.assert_array_equal(np.asarray(r.sort_idx)[np.asarray(r.inverse_idx)], np.arange(37 * 3))

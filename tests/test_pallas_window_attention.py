@@ -14,10 +14,6 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 
 from pallas_kernels import window_attention, window_attention_dense  # noqa: E402
 
-# Interpreted kernels are compiled by XLA:CPU; skipping its backend optimisations halves compile time,
-# which dominates these tests.
-_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
 CASES = [  # (B, T, H, D, window, block_q, block_k, packed): T not a multiple of window or of the tiles
     (2, 37, 3, 24, 8, 4, 8, True),
     (1, 20, 2, 8, 1, 8, 4, False),  # only the token itself
@@ -49,20 +45,20 @@ def test_window_attention_matches_dense(b, t, h, d, window, bq, bk, packed):
                                     impl="pallas", interpret=True),
         "reference": functools.partial(window_attention, window=window, segment_ids=seg, impl="reference"),
     }
-    expected = _jit(functools.partial(_value_and_grads, dense))(q, kv, sinks, do)
+    expected = jax.jit(functools.partial(_value_and_grads, dense))(q, kv, sinks, do)
     for impl, f in kernels.items():
-        got = _jit(functools.partial(_value_and_grads, f))(q, kv, sinks, do)
+        got = jax.jit(functools.partial(_value_and_grads, f))(q, kv, sinks, do)
         for name, a, e in zip(("out", "dq", "dkv", "dsinks"), got, expected):
             np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5, err_msg=f"{impl} {name}")
 
 
 def test_window_attention_bf16_close_to_fp32_oracle():
     q, kv, sinks, _, _ = _inputs(1, 24, 2, 16, False, seed=1)
-    f = _jit(lambda q, kv, s: window_attention(q, kv, s, window=8, block_q=4, block_k=8, impl="pallas",
+    f = jax.jit(lambda q, kv, s: window_attention(q, kv, s, window=8, block_q=4, block_k=8, impl="pallas",
                                                   interpret=True))
     got = f(q.astype(jnp.bfloat16), kv.astype(jnp.bfloat16), sinks)
     assert got.dtype == jnp.bfloat16
-    expected = _jit(functools.partial(window_attention_dense, window=8))(q, kv, sinks)
+    expected = jax.jit(functools.partial(window_attention_dense, window=8))(q, kv, sinks)
     np.testing.assert_allclose(np.float32(got), expected, atol=5e-2)
 
 
@@ -79,13 +75,13 @@ def test_window_attention_in_shard_map():
         lambda q, kv, s, seg: kernel(q, kv, s, segment_ids=seg), mesh=mesh,
         in_specs=(P("data"), P("data"), P(), P("data")), out_specs=P("data"), check_vma=False)
 
-    @_jit
+    @jax.jit
     def run(q, kv, s, seg, do):
         return _value_and_grads(lambda *a: sharded(*a, seg), q, kv, s, do)
 
     got = run(*args)
     assert got[0].sharding.spec[0] == "data"
     dense = functools.partial(window_attention_dense, window=6, segment_ids=seg)
-    expected = _jit(functools.partial(_value_and_grads, dense))(q, kv, sinks, do)
+    expected = jax.jit(functools.partial(_value_and_grads, dense))(q, kv, sinks, do)
     for a, e in zip(got, expected):
         np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5)
