@@ -31,6 +31,7 @@ from deepmoe.train import loss as L
 from deepmoe.train.checkpoint import CheckpointError, Checkpointer
 from deepmoe.train.data import ByteTokenizer, DataError, DataState, TextDataset
 from deepmoe.train.optim import trainable_count
+from deepmoe.train.precompile import precompile_training
 from deepmoe.train.step import (TrainConfig, TrainState, init_state, make_eval_step, make_train_step,
                                 model_config_for_training, replicate, shard_batch)
 
@@ -153,6 +154,13 @@ def train(cfg: ModelConfig, tcfg: TrainConfig, out_dir: str | Path, *, data: Any
     state = replicate(state, mesh)
     start = int(state.step)
     end = tcfg.steps if stop_after is None else min(tcfg.steps, stop_after)
+    if end > start:  # the first batch, peeked (batch() returns the next state, it does not advance this one)
+        seconds = precompile_training(step_fn, make_eval_step(cfg, tcfg, mesh), state,
+                                      shard_batch(dataset.batch(data_state)[0], mesh),
+                                      shard_batch(val_set[0], mesh) if val_set else None)
+        if progress:
+            print(f"compiled {', '.join(f'{k} ({v:.1f}s)' for k, v in seconds.items())} side by side in "
+                  f"{max(seconds.values()):.1f}s", file=sys.stderr)
     history: list[dict] = []
     val_row = None
 

@@ -1,0 +1,73 @@
+"""train() compiles its three programs side by side before the first step and the loop then runs them without
+compiling again; compile_side_by_side runs its programs at once, keeps their order, and raises a program's
+error only after the others finished."""
+
+import logging
+import re
+import sysconfig
+import threading
+from pathlib import Path
+
+import jax
+import pytest
+
+import deepmoe as dm
+from deepmoe.train import TrainConfig
+from deepmoe.train import step as step_module
+from deepmoe.train.loop import train
+from deepmoe.train.precompile import compile_side_by_side
+
+# identical to test_train_checkpoint.TCFG: its programs may already be in the persistent compilation cache
+TCFG = TrainConfig(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, compute_dtype="float32")
+CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "email"
+PROGRAMS = ("gradients", "update_state", "evaluate")  # the jitted functions' names in JAX's compile log
+
+
+def test_programs_compile_at_once_in_the_given_order():
+    meet = threading.Barrier(2, timeout=60)  # each waits for the other: returns only if both run at once
+    seconds = compile_side_by_side({"first": meet.wait, "second": meet.wait}, workers=2)
+    assert list(seconds) == ["first", "second"] and all(s >= 0 for s in seconds.values())
+
+
+def test_an_error_is_raised_after_the_other_programs_finish():
+    finished = []
+
+    def broken():
+        raise ValueError("no such op")
+
+    with pytest.raises(ValueError, match="no such op"):
+        compile_side_by_side({"broken": broken, "fine": lambda: finished.append("fine")}, workers=1)
+    assert finished == ["fine"]
+
+
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_train_compiles_each_program_once_on_the_compile_threads(tmp_path):
+    # New jitted functions, so this run compiles them (or loads them from the persistent cache, which logs the
+    # same line) even if another test of this process compiled the same programs.
+    step_module._make_train_step.cache_clear()
+    step_module._make_eval_step.cache_clear()
+    logger, collect = logging.getLogger("jax._src.dispatch"), _Collect()
+    logged_before = jax.config.jax_log_compiles
+    logger.addHandler(collect)
+    jax.config.update("jax_log_compiles", True)  # global, not the thread-local context: the workers must see it
+    try:
+        result = train(dm.preset("tiny"), TCFG, tmp_path, data=CORPUS, stop_after=2, save_every=100,
+                       val_batches=1, progress=False, plots=False)
+    finally:
+        jax.config.update("jax_log_compiles", logged_before)
+        logger.removeHandler(collect)
+    compiles = [(m.group(1), r.threadName) for r in collect.records
+                if (m := re.match(r"Finished XLA compilation of jit\((\w+)\)", r.getMessage()))]
+    for program in PROGRAMS:
+        threads = [thread for name, thread in compiles if name == program]
+        assert len(threads) == 1, (program, compiles)  # a second compile: a call missed the precompiled one
+        assert threads[0].startswith("deepmoe-compile"), (program, threads)
+    assert [r["step"] for r in result.history if "loss" in r] == [1, 2] and result.val["val_tokens"] > 0
