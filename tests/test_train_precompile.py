@@ -14,7 +14,8 @@ import pytest
 import deepmoe as dm
 from deepmoe.train import TrainConfig
 from deepmoe.train import step as step_module
-from deepmoe.train.loop import train
+from deepmoe.config import SLIDING
+from deepmoe.train.loop import make_data_mesh, train
 from deepmoe.train.precompile import compile_side_by_side
 
 # identical to test_train_checkpoint.TCFG: its programs may already be in the persistent compilation cache
@@ -49,7 +50,15 @@ class _Collect(logging.Handler):
         self.records.append(record)
 
 
-def test_train_compiles_each_program_once_on_the_compile_threads(tmp_path):
+# tiny on one device; a one-layer model (cheaper to compile) on a two-device data mesh, where the programs'
+# shardings must match the loop's calls too
+RUNS = {"tiny": (dm.preset("tiny"), 1),
+        "data-mesh": (dm.preset("tiny").replace(num_layers=1, layer_types=(SLIDING,), num_mtp_layers=0), 2)}
+
+
+@pytest.mark.parametrize("run", list(RUNS))
+def test_train_compiles_each_program_once_on_the_compile_threads(run, tmp_path):
+    cfg, devices = RUNS[run]
     # New jitted functions, so this run compiles them (or loads them from the persistent cache, which logs the
     # same line) even if another test of this process compiled the same programs.
     step_module._make_train_step.cache_clear()
@@ -59,8 +68,8 @@ def test_train_compiles_each_program_once_on_the_compile_threads(tmp_path):
     logger.addHandler(collect)
     jax.config.update("jax_log_compiles", True)  # global, not the thread-local context: the workers must see it
     try:
-        result = train(dm.preset("tiny"), TCFG, tmp_path, data=CORPUS, stop_after=2, save_every=100,
-                       val_batches=1, progress=False, plots=False)
+        result = train(cfg, TCFG, tmp_path, data=CORPUS, stop_after=2, save_every=100, val_batches=1,
+                       mesh=make_data_mesh(devices), progress=False, plots=False)
     finally:
         jax.config.update("jax_log_compiles", logged_before)
         logger.removeHandler(collect)
