@@ -12,9 +12,9 @@ import jax
 import pytest
 
 import deepmoe as dm
+from deepmoe.config import SLIDING
 from deepmoe.train import TrainConfig
 from deepmoe.train import step as step_module
-from deepmoe.config import SLIDING
 from deepmoe.train.loop import make_data_mesh, train
 from deepmoe.train.precompile import compile_side_by_side
 

@@ -2,10 +2,11 @@
 
 A run needs three programs before it can log anything: the gradients (forward + backward), the optimizer
 update, and the validation forward. Called in turn, each compiles at its first call, one after the other;
-but XLA compiles outside the GIL, and a compile does not keep every core busy, so the three overlap on
-threads. On the 2-vCPU host of docs/performance.md, `tiny`'s three took 30.7-36.4 s one after the other
-and 24.1-29.3 s side by side. The executables land in the jitted functions' own caches: the loop's
-ordinary calls then run them without compiling again.
+but XLA compiles outside the GIL, and one XLA:CPU compile keeps only ~1.5 of 2 cores busy, so the three
+overlap on threads. On the 2-vCPU host of docs/performance.md (fifteenth session) that took ~10 % off
+`tiny`'s compile time (34.6 -> 31.4 s on average) and ~7 s off `make demo`; a host with more cores gains more.
+The executables land in the jitted functions' own caches: the loop's ordinary calls then run them without
+compiling again.
 """
 
 from __future__ import annotations
