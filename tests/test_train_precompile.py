@@ -18,7 +18,6 @@ from deepmoe.train import step as step_module
 from deepmoe.train.loop import make_data_mesh, train
 from deepmoe.train.precompile import compile_side_by_side
 
-# identical to test_train_checkpoint.TCFG: its programs may already be in the persistent compilation cache
 TCFG = TrainConfig(steps=40, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=5, compute_dtype="float32")
 CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "email"
 PROGRAMS = ("gradients", "update_state", "evaluate")  # the jitted functions' names in JAX's compile log
@@ -50,10 +49,10 @@ class _Collect(logging.Handler):
         self.records.append(record)
 
 
-# tiny on one device; a one-layer model (cheaper to compile) on a two-device data mesh, where the programs'
-# shardings must match the loop's calls too
-RUNS = {"tiny": (dm.preset("tiny"), 1),
-        "data-mesh": (dm.preset("tiny").replace(num_layers=1, layer_types=(SLIDING,), num_mtp_layers=0), 2)}
+# A one-layer model (cheap to compile) on one device, and on a two-device data mesh, where the programs'
+# shardings must match the loop's calls too.
+ONE_LAYER = dm.preset("tiny").replace(num_layers=1, layer_types=(SLIDING,), num_mtp_layers=0)
+RUNS = {"one-device": (ONE_LAYER, 1), "data-mesh": (ONE_LAYER, 2)}
 
 
 @pytest.mark.parametrize("run", list(RUNS))
