@@ -40,15 +40,6 @@ def test_an_error_is_raised_after_the_other_programs_finish():
     assert finished == ["fine"]
 
 
-class _Collect(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record):
-        self.records.append(record)
-
-
 # A one-layer model (cheap to compile) on one device, and on a two-device data mesh, where the programs'
 # shardings must match the loop's calls too.
 ONE_LAYER = dm.preset("tiny").replace(num_layers=1, layer_types=(SLIDING,), num_mtp_layers=0)
@@ -56,23 +47,21 @@ RUNS = {"one-device": (ONE_LAYER, 1), "data-mesh": (ONE_LAYER, 2)}
 
 
 @pytest.mark.parametrize("run", list(RUNS))
-def test_train_compiles_each_program_once_on_the_compile_threads(run, tmp_path):
+def test_train_compiles_each_program_once_on_the_compile_threads(run, tmp_path, caplog):
     cfg, devices = RUNS[run]
     # New jitted functions, so this run compiles them (or loads them from the persistent cache, which logs the
     # same line) even if another test of this process compiled the same programs.
     step_module._make_train_step.cache_clear()
     step_module._make_eval_step.cache_clear()
-    logger, collect = logging.getLogger("jax._src.dispatch"), _Collect()
+    caplog.set_level(logging.WARNING, logger="jax._src.dispatch")  # records of every thread reach caplog
     logged_before = jax.config.jax_log_compiles
-    logger.addHandler(collect)
     jax.config.update("jax_log_compiles", True)  # global, not the thread-local context: the workers must see it
     try:
         result = train(cfg, TCFG, tmp_path, data=CORPUS, stop_after=2, save_every=100, val_batches=1,
                        mesh=make_data_mesh(devices), progress=False, plots=False)
     finally:
         jax.config.update("jax_log_compiles", logged_before)
-        logger.removeHandler(collect)
-    compiles = [(m.group(1), r.threadName) for r in collect.records
+    compiles = [(m.group(1), r.threadName) for r in caplog.records
                 if (m := re.match(r"Finished XLA compilation of jit\((\w+)\)", r.getMessage()))]
     for program in PROGRAMS:
         threads = [thread for name, thread in compiles if name == program]
