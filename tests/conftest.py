@@ -1,6 +1,9 @@
 """Test set-up: 8 simulated CPU devices, a persistent compilation cache, shared session fixtures."""
 
+import contextlib
+import logging
 import os
+import re
 
 # Must happen before jax is imported anywhere. The scheduler flag is deepmoe's CPU_MESH_OPTIONS
 # (backend/xla_options.py) for the tests' own jax.jit programs over the simulated mesh: without it XLA:CPU can
@@ -39,3 +42,26 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def tiny_params(tiny_cfg):
     return dm.init_params(tiny_cfg, jax.random.key(0))
+
+
+@pytest.fixture
+def compile_log(caplog):
+    """`with compile_log() as compiles:` -> after the block, `compiles` holds (jitted function's name, thread)
+    for every program XLA compiled inside it, read from JAX's compile log (a persistent-cache hit logs the
+    same line)."""
+
+    @contextlib.contextmanager
+    def record():
+        caplog.set_level(logging.WARNING, logger="jax._src.dispatch")  # records of every thread reach caplog
+        caplog.clear()
+        logged_before = jax.config.jax_log_compiles
+        jax.config.update("jax_log_compiles", True)  # global, not the thread-local context: threads see it
+        compiles = []
+        try:
+            yield compiles
+        finally:
+            jax.config.update("jax_log_compiles", logged_before)
+            compiles.extend((m.group(1), r.threadName) for r in caplog.records
+                            if (m := re.match(r"Finished XLA compilation of jit\((\w+)\)", r.getMessage())))
+
+    return record

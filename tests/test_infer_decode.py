@@ -15,6 +15,7 @@ import deepmoe as dm
 from deepmoe.config import CSA, HCA
 from deepmoe.infer import decode_step, generate, init_cache, prefill, shard_cache
 from deepmoe.infer.decode import main_params, prefill_jit
+from deepmoe.infer.generate import CACHE_BUCKET, round_up
 from deepmoe.infer.speculative import spec_prefill, spec_step_jit
 from deepmoe.params import unstack_layers
 from deepmoe.sharding import make_mesh
@@ -24,7 +25,7 @@ TOTAL = 80  # full sequence length
 LENGTHS = np.array([5, 23])  # prompt lengths (right-padded to 23)
 WIDTH = 23
 STEPS = TOTAL - WIDTH  # 57 decode steps: sequence 1 reaches position 79, sequence 0 position 61
-MAX_LEN = WIDTH + STEPS  # what generate allocates for these prompts (shared compiled prefill)
+MAX_LEN = round_up(WIDTH + STEPS, CACHE_BUCKET)  # what generate allocates for these prompts
 TOL = 1e-4
 
 # A second layout: HCA first and hash-routed, 2 streams, top-2 of many CSA entries, HCA ratio = window = 8.
@@ -167,19 +168,40 @@ def greedy_run(tiny_params):
     return prompt, result, seen
 
 
+def _assert_forward_argmax(forward, params, prompt, lengths, tokens):
+    """Each of `tokens` [B, N] is the argmax of the full forward over its prompt + the tokens before it."""
+    steps = tokens.shape[1]
+    full = np.zeros((len(lengths), TOTAL), np.int32)
+    for b, n in enumerate(lengths):
+        full[b, :n + steps] = np.concatenate([prompt[b, :n], tokens[b]])
+    ref, _ = _reference(forward, params, full)
+    for b, n in enumerate(lengths):
+        np.testing.assert_array_equal(ref[b, n - 1:n - 1 + steps].argmax(-1), tokens[b])
+
+
 def test_greedy_generate_is_the_forward_argmax(greedy_run, tiny_params, forward_f32):
-    """Each generated token is the argmax of the full forward over prompt + tokens so far."""
     prompt, result, seen = greedy_run
     assert result.tokens.shape == (2, STEPS) and result.lengths.tolist() == [STEPS, STEPS]
     assert len(seen) == STEPS and all(e.all() for _, e in seen)
     np.testing.assert_array_equal(np.concatenate([t for t, _ in seen], axis=1), result.tokens)
-    full = np.zeros((2, TOTAL), np.int32)
-    for b, n in enumerate(LENGTHS):
-        full[b, :n + STEPS] = np.concatenate([prompt[b, :n], result.tokens[b]])
-    ref, _ = _reference(forward_f32, tiny_params, full)
-    for b, n in enumerate(LENGTHS):
-        predicted = ref[b, n - 1:n - 1 + STEPS].argmax(-1)
-        np.testing.assert_array_equal(predicted, result.tokens[b])
+    _assert_forward_argmax(forward_f32, tiny_params, prompt, LENGTHS, result.tokens)
+
+
+def test_generate_reuses_its_programs_for_other_lengths(greedy_run, tiny_params, forward_f32, compile_log):
+    """generate pads the prompt, the cache and the output buffer to buckets, so prompts of other lengths, other
+    padding and another number of new tokens run the programs the first call compiled, with the same tokens."""
+    prompt, result, _ = greedy_run
+    first = generate(tiny_params, F32, prompt, STEPS, lengths=LENGTHS, stop_tokens=())
+    np.testing.assert_array_equal(first.tokens, result.tokens)
+    shorter = np.array([3, 17])  # prefixes of the same prompts
+    with compile_log() as compiles:
+        wider = np.pad(prompt, ((0, 0), (0, 9)), constant_values=5)  # more columns of padding, another pad id
+        fewer = generate(tiny_params, F32, wider, STEPS - 20, lengths=LENGTHS, stop_tokens=())
+        other = generate(tiny_params, F32, prompt[:, :shorter.max()], STEPS, lengths=shorter, stop_tokens=())
+    assert not {"prefill_jit", "_next_token", "_loop"} & {name for name, _ in compiles}, compiles
+    np.testing.assert_array_equal(fewer.tokens, result.tokens[:, :STEPS - 20])
+    assert fewer.lengths.tolist() == [STEPS - 20] * 2 and other.lengths.tolist() == [STEPS] * 2
+    _assert_forward_argmax(forward_f32, tiny_params, prompt, shorter, other.tokens)
 
 
 def test_speculative_steps_match_forward(greedy_run, tiny_params, forward_f32):

@@ -2,13 +2,10 @@
 compiling again; compile_side_by_side runs its programs at once, keeps their order, and raises a program's
 error only after the others finished."""
 
-import logging
-import re
 import sysconfig
 import threading
 from pathlib import Path
 
-import jax
 import pytest
 
 import deepmoe as dm
@@ -47,22 +44,15 @@ RUNS = {"one-device": (ONE_LAYER, 1), "data-mesh": (ONE_LAYER, 2)}
 
 
 @pytest.mark.parametrize("run", list(RUNS))
-def test_train_compiles_each_program_once_on_the_compile_threads(run, tmp_path, caplog):
+def test_train_compiles_each_program_once_on_the_compile_threads(run, tmp_path, compile_log):
     cfg, devices = RUNS[run]
     # New jitted functions, so this run compiles them (or loads them from the persistent cache, which logs the
     # same line) even if another test of this process compiled the same programs.
     step_module._make_train_step.cache_clear()
     step_module._make_eval_step.cache_clear()
-    caplog.set_level(logging.WARNING, logger="jax._src.dispatch")  # records of every thread reach caplog
-    logged_before = jax.config.jax_log_compiles
-    jax.config.update("jax_log_compiles", True)  # global, not the thread-local context: the workers must see it
-    try:
+    with compile_log() as compiles:
         result = train(cfg, TCFG, tmp_path, data=CORPUS, stop_after=2, save_every=100, val_batches=1,
                        mesh=make_data_mesh(devices), progress=False, plots=False)
-    finally:
-        jax.config.update("jax_log_compiles", logged_before)
-    compiles = [(m.group(1), r.threadName) for r in caplog.records
-                if (m := re.match(r"Finished XLA compilation of jit\((\w+)\)", r.getMessage()))]
     for program in PROGRAMS:
         threads = [thread for name, thread in compiles if name == program]
         assert len(threads) == 1, (program, compiles)  # a second compile: a call missed the precompiled one
