@@ -422,7 +422,9 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
 
     result: dict[str, Any] = {"config": json.loads(cfg.to_json()), "batch": batch, "seq": seq,
                               "backend": jax.default_backend(), "devices": len(jax.devices()),
-                              "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+                              "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+                              # None: every compile time is a compile, not a load from JAX's cache
+                              "compilation_cache": jax.config.jax_compilation_cache_dir}
     log("measuring peak matmul FLOP/s ...")
     first_peak = {d: measure_peak_flops(d) for d in ("float32", "bfloat16")}
     flops = flops_per_token(cfg.replace(num_mtp_layers=0), PlanOptions(mode="train", seq_len=seq, remat="none"))
@@ -526,6 +528,9 @@ def format_result(r: dict[str, Any]) -> str:
             lines.append(format_profile(f"profile, {title}", r[part]["profile"]))
     if "host_buffers" in r:
         lines.append(f"host buffers kept between runs (deepmoe.backend.host_memory): {r['host_buffers']}")
+    if r.get("compilation_cache"):
+        lines.append(f"note: JAX's compilation cache is on ({r['compilation_cache']}), so the compile times may be "
+                     "loads from it")
     return "\n".join(lines)
 
 

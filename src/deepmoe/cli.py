@@ -2,7 +2,8 @@
 
 `--platform {auto,cpu,gpu,tpu,ascend}` is accepted by every command (anywhere on the line) and applied before
 JAX initialises a backend; multi-host runs start through `jax.distributed.initialize` when the DEEPMOE_*
-coordinator variables are set (see docs/ascend.md).
+coordinator variables are set (see docs/ascend.md). Compiled programs are kept on disk for the next run
+(`deepmoe.backend.compile_cache`; not for `bench`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ COMMANDS = {
     "bench": ("deepmoe.bench", "tokens/s and MFU vs this machine's measured peak"),
     "doctor": ("deepmoe.backend.doctor", "platform, devices, PJRT plugins, kernel choices"),
 }
+UNCACHED = {"bench"}  # measures compile time, so it compiles every program (backend/compile_cache.py)
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -57,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     platform, rest = _pop_platform(platform_and_rest)
     from deepmoe.backend.cli_support import apply_platform, maybe_initialize_distributed
+    from deepmoe.backend.compile_cache import use_compilation_cache
     from deepmoe.backend.host_memory import keep_host_buffers
 
     apply_platform(platform)
     keep_host_buffers()
+    if command not in UNCACHED:
+        use_compilation_cache()
     maybe_initialize_distributed()
     result = importlib.import_module(available[command][0]).main(rest)
     return int(result or 0)

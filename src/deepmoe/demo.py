@@ -7,10 +7,12 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from deepmoe.backend.compile_cache import use_compilation_cache
     from deepmoe.backend.host_memory import keep_host_buffers
     from deepmoe.info import parameter_table
 
     keep_host_buffers()
+    use_compilation_cache()  # a second demo loads its programs instead of compiling them
     from deepmoe.train.demo import main as train_and_sample
 
     code = train_and_sample(argv)

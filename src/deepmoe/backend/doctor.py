@@ -18,6 +18,7 @@ from jax._src import xla_bridge
 
 from deepmoe.backend import ascend_plugin
 from deepmoe.backend.capabilities import ENV_PLATFORM, select
+from deepmoe.backend.compile_cache import cache_contents
 
 # Variables that change which platform, plugin or devices JAX uses.
 _ENV_PREFIXES = ("DEEPMOE_", "JAX_", "PJRT_", "ASCEND_", "XLA_FLAGS", "CUDA_VISIBLE_DEVICES",
@@ -90,6 +91,7 @@ def doctor_report() -> dict[str, Any]:
     report["selection"] = _guard(lambda: select().as_dict())
     # The hypothetical is sized as one 8-NPU server so it shows the expert-parallel strategy.
     report["selection_ascend"] = _guard(lambda: select("ascend", device_count=8).as_dict())
+    report["compilation_cache"] = _guard(cache_contents)
     return report
 
 
@@ -152,6 +154,16 @@ def format_doctor(report: dict[str, Any]) -> str:
                      f"  ({sel['compute_dtype_reason']})")
         mesh = ",".join(f"{k}={v}" for k, v in sel["mesh"].items())
         lines.append(f"  suggested mesh: {mesh}  ({sel['mesh_reason']})")
+    cache = report.get("compilation_cache", {})
+    lines.append("== compilation cache (deepmoe.backend.compile_cache)")
+    if "error" in cache:
+        lines.append(f"  ERROR {cache['error']}")
+    elif cache.get("directory"):
+        limit = "no limit" if cache["max_bytes"] == -1 else f"at most {cache['max_bytes'] / 2**20:.0f} MiB"
+        lines.append(f"  {cache['directory']}: {cache['programs']} programs, {cache['bytes'] / 2**20:.1f} MiB "
+                     f"({limit})")
+    else:
+        lines.append("  off: every run compiles its programs")
     lines.append(f"(override the platform with --platform or ${ENV_PLATFORM}; see docs/ascend.md)")
     return "\n".join(lines)
 
