@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     if args.stats:
         stats = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.stats.items()}
-        stats["note"] = "first call in this process: prefill_s / decode_s include jit compilation"
+        stats["note"] = ("first call in this process: prefill_s / decode_s include tracing and compiling (or loading "
+                         "from the compilation cache, deepmoe.backend.compile_cache)")
         print(json.dumps(stats), file=sys.stderr)
         print(format_accounting(cache_accounting(cfg, max_len=result.stats["max_len"])), file=sys.stderr)
     return 0
