@@ -40,13 +40,12 @@ def cache_directory(environ: Mapping[str, str], configured: str | None) -> tuple
     return Path(base) / "deepmoe" / "xla", "default"
 
 
-def use_compilation_cache(environ: Mapping[str, str] | None = None) -> str:
+def use_compilation_cache() -> str:
     """Turn on JAX's persistent compilation cache as the module docstring describes (before the first compile:
     JAX reads the settings then). Returns what happened, for logs."""
     import jax
 
-    environ = os.environ if environ is None else environ
-    directory, why = cache_directory(environ, jax.config.jax_compilation_cache_dir)
+    directory, why = cache_directory(os.environ, jax.config.jax_compilation_cache_dir)
     if directory is None:
         return why
     try:
