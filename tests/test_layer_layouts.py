@@ -4,6 +4,7 @@ The stacked layout is the reference: the per-layer forward, its gradients and wh
 match it; conversions round-trip exactly; checkpoints of one layout refuse to resume as the other."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import pytest
 
 import deepmoe as dm
 from deepmoe.config import CSA, HCA, SLIDING
-from deepmoe.params import layer_segments, stack_layers, unstack_layers
+from deepmoe.params import Segment, layer_segments, stack_layers, unstack_layers
 from deepmoe.train import TrainConfig, init_state, make_train_step
 from deepmoe.train.checkpoint import FORMAT_VERSION, CheckpointError, Checkpointer, check_compatible
 from deepmoe.train.step import UNROLL_MAX_LAYERS, layers_scanned
@@ -77,6 +78,30 @@ def test_per_layer_forward_and_remat_gradient_match_the_scan(setup):
     np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
     leaves_close(dataclasses.asdict(got), dataclasses.asdict(want), rtol=1e-5, atol=1e-6)  # logits, MTP, aux
     grads_close(stack_layers(got_grads, cfg), want_grads)
+
+
+def test_a_segment_that_does_not_repeat_is_called_not_scanned(monkeypatch):
+    """A segment of one repeat (here the whole schedule, as in `tiny` and `mini`) runs its layers once, with no
+    one-step scan to trace and differentiate; its logits are those of the lax.scan over the same stacks."""
+    cfg = dm.preset("tiny").replace(num_layers=2, layer_types=(CSA, HCA), sinkhorn_iterations=3,
+                                    param_dtype="float32", compute_dtype="float32")
+    assert [s.repeats for s in layer_segments(cfg)] == [1]
+    params = dm.init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (1, 32), 3, cfg.vocab_size)
+
+    def loss(p):
+        out = dm.forward(p, cfg, ids)
+        return jnp.mean(out.logits ** 2), out.logits
+
+    def scan_lengths():  # of every scan in the gradient's program (Sinkhorn's rounds among them)
+        text = str(jax.make_jaxpr(jax.grad(loss, has_aux=True, allow_int=True))(params))
+        return {int(n) for n in re.findall(r"\blength=(\d+)", text)}
+
+    direct_logits, direct_lengths = jax.jit(loss)(params)[1], scan_lengths()
+    assert cfg.sinkhorn_iterations - 1 in direct_lengths and 1 not in direct_lengths
+    monkeypatch.setattr(Segment, "scan", lambda self, body, carry, stacked: jax.lax.scan(body, carry, stacked))
+    assert scan_lengths() == direct_lengths | {1}  # the same model through a one-step scan
+    np.testing.assert_allclose(np.asarray(jax.jit(loss)(params)[1]), np.asarray(direct_logits), rtol=1e-6, atol=1e-6)
 
 
 def test_train_steps_match_across_layouts(setup):

@@ -87,7 +87,7 @@ def test_logits_and_gradients_match_single_device(setup, sharded_run, name):
     # Gradients: reductions run in another order on another layout, so compare against the largest gradient
     # (the mHC parameters' gradients are ~1e-6 and are sums of cancelling ~1e-3 terms).
     got, want = _float_leaves(grads), _float_leaves(ref_grads)
-    top = max(float(jnp.abs(g).max()) for _, g in want)
+    top = max(float(np.abs(np.asarray(g)).max()) for _, g in want)  # numpy: no program per leaf shape
     for (path, g), (_, r) in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=2e-6 * top, err_msg=path)
     assert out.aux["dropped_tokens"].shape == (CFG.num_layers,) and float(out.aux["dropped_tokens"].sum()) == 0

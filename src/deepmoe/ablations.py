@@ -132,7 +132,7 @@ def residual_forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, resid
                 outs.append(rec)
             return carry, outs
 
-        x, outs = jax.lax.scan(body, x, (seg_params, seg_deltas))
+        x, outs = segment.scan(body, x, (seg_params, seg_deltas))
         for p, rec in enumerate(outs):
             for r in range(segment.repeats):
                 records[segment.layer_index(r, p)] = jax.tree.map(lambda a, r=r: a[r], rec)

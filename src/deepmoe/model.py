@@ -66,7 +66,7 @@ def _run_segments(params: dict, cfg: ModelConfig, streams, token_ids, positions,
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        streams, outs = jax.lax.scan(body, streams, seg_params)
+        streams, outs = segment.scan(body, streams, seg_params)
         for position, stats in enumerate(outs):  # stats: [repeats, B, E] each
             for r in range(segment.repeats):
                 stats_per_layer.append((segment.layer_index(r, position), jax.tree.map(lambda s: s[r], stats)))

@@ -171,7 +171,7 @@ def prefill_jit(params: dict, cfg: ModelConfig, prompt_ids: jax.Array, lengths: 
                     pattern_caches.append(c)
                 return streams, pattern_caches
 
-            streams, seg_cache = jax.lax.scan(body, streams, seg_params)
+            streams, seg_cache = segment.scan(body, streams, seg_params)
             stacked_caches.append(seg_cache)
         caches = per_layer(stacked_caches, cfg)  # the decode cache is per layer (cache.py)
     last = jnp.take_along_axis(streams, (lengths - 1)[:, None, None, None], axis=1)  # [B, 1, n, D]
