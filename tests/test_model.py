@@ -10,8 +10,7 @@ from deepmoe.layers.hyper import sinkhorn, weighted_stream_sum
 from deepmoe.layers.precision import einsum
 
 F32 = dm.preset("tiny").replace(compute_dtype="float32")
-# jit with the config static: eager dispatch of the whole model is many times slower than compiling it
-forward = jax.jit(dm.forward, static_argnums=1, static_argnames=("mtp", "moe_strategy", "remat"))
+forward = dm.forward  # on concrete arrays it compiles itself, once per config and shapes
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +84,26 @@ def test_moe_strategies_agree(tiny_params, ids):
     dense = forward(tiny_params, F32, ids, moe_strategy="dense")
     ragged = forward(tiny_params, F32, ids, moe_strategy="sorted")
     np.testing.assert_allclose(np.asarray(dense.logits), np.asarray(ragged.logits), atol=1e-5)
-    with pytest.raises(ValueError, match="unknown MoE strategy"):
+
+
+def test_forward_on_concrete_arrays_is_one_compiled_program(tiny_params, forward_f32, ids, compile_log):
+    """Outside any transformation, dm.forward compiles the whole model as one program per config and shapes
+    (op by op it compiled each of ~500 operations and ran them one at a time), and gives the logits of the same
+    forward traced inside a caller's jit. A misspelt MoE strategy fails before anything is compiled."""
+    seg = jnp.zeros_like(ids)
+    with compile_log() as first:
+        out = dm.forward(tiny_params, F32, ids, segment_ids=seg)
+    with compile_log() as again:
+        out_again = dm.forward(tiny_params, F32, ids, segment_ids=seg)
+    assert [name for name, _ in first] == ["_forward"] and again == []
+    reference = forward_f32(tiny_params, ids, seg)
+    for got in (out, out_again):
+        np.testing.assert_allclose(np.asarray(got.logits), np.asarray(reference.logits), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(got.mtp_logits), np.asarray(reference.mtp_logits), rtol=1e-6,
+                                   atol=1e-6)
+    with compile_log() as failed, pytest.raises(ValueError, match="unknown MoE strategy 'magic'"):
         dm.forward(tiny_params, F32, ids, moe_strategy="magic")
+    assert failed == []
 
 
 def test_router_statistics(tiny_params, ids):

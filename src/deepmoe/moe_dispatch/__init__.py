@@ -49,7 +49,8 @@ class MoEStrategy:
     collective: str = "native"
 
 
-def _options(strategy) -> MoEStrategy:
+def strategy_options(strategy) -> MoEStrategy:
+    """A strategy name or MoEStrategy -> MoEStrategy; TypeError / ValueError for anything else."""
     if isinstance(strategy, MoEStrategy):
         options = strategy
     elif isinstance(strategy, str):
@@ -68,7 +69,7 @@ def bind(strategy, mesh, rules=None) -> MeshStrategy:
 
     if isinstance(strategy, MeshStrategy):
         return strategy
-    options, rules = _options(strategy), rules or ShardingRules()
+    options, rules = strategy_options(strategy), rules or ShardingRules()
     platform = normalize_platform(mesh.devices.flat[0].platform)
     expert_size = 1
     for axis in rules.mesh_axes("experts"):
@@ -112,7 +113,7 @@ def run_experts(strategy, params, cfg, x, expert_ids, weights):
         return y
     if isinstance(strategy, MeshStrategy):
         return strategy.run(params, cfg, x, expert_ids, weights)
-    name = _options(strategy).name
+    name = strategy_options(strategy).name
     if name == "auto":  # no mesh: nothing to parallelise over; pick the local grouped matmul
         name = "blocked" if jax.default_backend() == "cpu" else "sorted"
     if name not in STRATEGIES:
