@@ -37,24 +37,23 @@ IDX_HEADS, IDX_DIM = 4, 32  # indexer
 EXPERTS, EXPERTS_PER_TOKEN, FFN = 64, 6, 128  # routing / grouped matmul
 
 
-def _keys(n, seed=0):
-    return jax.random.split(jax.random.key(seed), n)
+def _normal(seed, *shapes):
+    """Standard-normal float32 arrays drawn by numpy: jax.random would compile a program per shape."""
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in shapes]
 
 
 def _attention_inputs(t, ratio):
-    ks = _keys(4)
     n = t // ratio
-    q = jax.random.normal(ks[0], (B, t, H, D))
-    kv = jax.random.normal(ks[1], (B, t, D))
-    sinks = jax.random.normal(ks[2], (H,))
-    ckv = jax.random.normal(ks[3], (B, n, D))
+    q, kv, sinks, ckv = _normal(0, (B, t, H, D), (B, t, D), (H,), (B, n, D))
     end_idx = jnp.broadcast_to((jnp.arange(n) + 1) * ratio - 1, (B, n)).astype(jnp.int32)
     return q, kv, sinks, ckv, end_idx
 
 
 def _csa_selection(t, end_idx):
     visible = end_idx[:, None, :] <= jnp.arange(t)[None, :, None]
-    score = jnp.where(visible, jax.random.uniform(_keys(1, 5)[0], visible.shape), -1.0)
+    uniform = np.random.default_rng(5).random(visible.shape, np.float32)
+    score = jnp.where(visible, uniform, -1.0)
     vals, idx = jax.lax.top_k(score, min(TOPK, end_idx.shape[1]))
     return jnp.where(vals >= 0, idx, -1)
 
@@ -62,13 +61,12 @@ def _csa_selection(t, end_idx):
 def problems(t, pallas_kw):
     """name -> (inputs, {impl: fn(*inputs) -> array}) at sequence length t."""
     out = {}
-    logits = jax.random.normal(_keys(1)[0], (t, EXPERTS))
+    (logits,) = _normal(1, (t, EXPERTS))
     bias = jnp.zeros((EXPERTS,))
     route = lambda impl: lambda lg, b: pk.route(lg, b, top_k=EXPERTS_PER_TOKEN, impl=impl, **pallas_kw(impl)).weights
     out["routing"] = ((logits, bias), {i: route(i) for i in ("pallas", "reference")})
 
-    lhs = jax.random.normal(_keys(2)[0], (t, FFN))
-    rhs = jax.random.normal(_keys(2)[1], (8, FFN, FFN))
+    lhs, rhs = _normal(2, (t, FFN), (8, FFN, FFN))
     sizes = jnp.full((8,), t // 8, jnp.int32).at[0].add(t % 8)
     gmm = lambda impl: lambda a, b: pk.gmm(a, b, sizes, impl=impl, **pallas_kw(impl))
     out["grouped_matmul"] = ((lhs, rhs), {i: gmm(i) for i in ("pallas", "reference")})
@@ -92,11 +90,8 @@ def problems(t, pallas_kw):
         "pallas": comp("pallas", csa), "reference": comp("reference", csa),
         "dense": functools.partial(pk.compressed_attention_dense, **csa)})
 
-    ks = _keys(3, 7)
     n = t // CSA_RATIO
-    iq = jax.random.normal(ks[0], (B, t, IDX_HEADS, IDX_DIM))
-    iw = jax.random.normal(ks[1], (B, t, IDX_HEADS))
-    ik = jax.random.normal(ks[2], (B, n, IDX_DIM))
+    iq, iw, ik = _normal(7, (B, t, IDX_HEADS, IDX_DIM), (B, t, IDX_HEADS), (B, n, IDX_DIM))
     topk = lambda impl: lambda q, w, k: pk.indexer_topk(q, w, k, end_idx, top_k=min(TOPK, n), impl=impl,
                                                         **pallas_kw(impl))[0]
     out["indexer_topk"] = ((iq, iw, ik), {i: topk(i) for i in ("pallas", "reference")})

@@ -1,10 +1,12 @@
-"""`deepmoe bench` on `tiny`: its JSON holds what the README tables quote, and MFU is the documented formula
-(model FLOPs per token from deepmoe.plan x tokens/s / the better of the two peak measurements, and per round
-against the peak's matmul timed in the same round); --profile adds
-the per-component breakdown of both timed programs; decode MBU is the documented formula over the bytes the
-planner counts and the cache prefill allocates; --profile also breaks a decode step down; --compare-transformers
-times transformers in alternation with us and reports the median of the rounds' time ratios."""
+"""`deepmoe bench` on `tiny`, one run of every part that the tests share: its JSON holds what the README tables
+quote, and MFU is the documented formula (model FLOPs per token from deepmoe.plan x tokens/s / the better of the
+two peak measurements, and per round against the peak's matmul timed in the same round); --profile adds the
+per-component breakdown of the timed programs, a decode step's among them; decode MBU is the documented formula
+over the bytes the planner counts and the cache prefill allocates; --compare-transformers times transformers in
+alternation with us and reports the median of the rounds' time ratios."""
 
+import contextlib
+import io
 import json
 
 import jax
@@ -37,13 +39,25 @@ def _assert_paired_speedups(r, tokens_per_run):
                                    tokens / np.median(theirs["seconds_each"]), rtol=1e-12)
 
 
-def test_bench_json_and_mfu_formula(tmp_path, capsys):
-    out = tmp_path / "tiny.json"
-    assert bench.main(["--preset", "tiny", "--seq", "32", "--repeats", "2", "--skip", "decode",
-                       "--json", str(out), "--profile", "--compare-transformers"]) == 0
-    r = json.loads(out.read_text())
+SEQ, NEW_TOKENS = 32, 4
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """One `deepmoe bench` of every part, profiled and against transformers: (results JSON, output dir, stdout)."""
+    out_dir = tmp_path_factory.mktemp("bench")
+    out = out_dir / "tiny.json"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert bench.main(["--preset", "tiny", "--seq", str(SEQ), "--repeats", "2", "--new-tokens", str(NEW_TOKENS),
+                           "--json", str(out), "--profile", "--compare-transformers"]) == 0
+    return json.loads(out.read_text()), out_dir, printed.getvalue()
+
+
+def test_bench_json_and_mfu_formula(tiny_bench):
+    r, out_dir, printed = tiny_bench
     flops = flops_per_token(preset("tiny").replace(num_mtp_layers=0),
-                            PlanOptions(mode="train", seq_len=32, remat="none"))
+                            PlanOptions(mode="train", seq_len=SEQ, remat="none"))
     peak = r["peak_flops"]["float32"]
     assert peak >= r["peak_flops_first_measurement"]["float32"] > 0
     assert abs(r["forward"]["mfu"] - flops["forward"] * r["forward"]["tokens_per_s"] / peak) < 1e-12
@@ -54,50 +68,47 @@ def test_bench_json_and_mfu_formula(tmp_path, capsys):
     for part, part_flops in (("forward", flops["forward"]), ("train", flops["model"])):
         seconds, peak_s = np.array(r[part]["seconds_each"]), np.array(r[part]["peak_seconds_each"])
         assert len(seconds) == len(peak_s) == 2
-        each = part_flops * 32 / seconds * peak_s / (2.0 * n ** 3)
+        each = part_flops * SEQ / seconds * peak_s / (2.0 * n ** 3)
         np.testing.assert_allclose(r[part]["mfu_paired_each"], each, rtol=1e-12)
         assert r[part]["mfu_paired"] == pytest.approx(float(np.median(each)), rel=1e-12)
-    assert r["forward"]["tokens_per_s"] == 32 / r["forward"]["seconds"] == 32 / np.median(r["forward"]["seconds_each"])
-    _assert_paired_speedups(r, {"forward": 32, "train": 32})
-    assert (tmp_path / "tiny-vs-transformers.png").read_bytes()[:4] == b"\x89PNG"
+    forward_seconds = np.median(r["forward"]["seconds_each"])
+    assert r["forward"]["tokens_per_s"] == SEQ / r["forward"]["seconds"] == SEQ / forward_seconds
+    _assert_paired_speedups(r, {"forward": SEQ, "train": SEQ, "prefill": SEQ, "decode": 1})
+    assert (out_dir / "tiny-vs-transformers.png").read_bytes()[:4] == b"\x89PNG"
     # the forward runs over the layout the train step picks for this model
     assert r["forward"]["layout"] == ("segments" if layers_scanned(preset("tiny"), TrainConfig()) else "layers")
     assert r["host_buffers"] == "on" or "already started" in r["host_buffers"]  # conftest applied it first
-    printed = capsys.readouterr().out
-    assert "train step:" in printed and f"wrote {out}" in printed
+    assert "train step:" in printed and f"wrote {out_dir / 'tiny.json'}" in printed
     # --profile: both programs of the step traced, the model's components found in each
     fwd, step = r["forward"]["profile"], r["train"]["profile"]
     assert {"attention", "moe", "mhc"} <= set(fwd["components"])
     assert {"attention (backward)", "moe (backward)", "optimizer update"} <= set(step["components"])
     assert abs(sum(step["components"].values()) - step["op_ms_per_run"]) < 1e-6
-    assert (tmp_path / "tiny-profile.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "tiny-trace").is_dir()
+    assert (out_dir / "tiny-profile.png").read_bytes()[:4] == b"\x89PNG" and (out_dir / "tiny-trace").is_dir()
     assert "profile, train step:" in printed
 
 
-def test_bench_decode_mbu(tmp_path, capsys):
+def test_bench_decode_mbu(tiny_bench):
     """Decode MBU = (weights + cache a step reads) x steps/s / the measured read bandwidth; the cache bytes are
     those of the cache prefill really allocates for the prompt plus the new tokens."""
-    out = tmp_path / "tiny.json"
-    assert bench.main(["--preset", "tiny", "--seq", "16", "--repeats", "2", "--skip", "train", "--new-tokens", "4",
-                       "--json", str(out), "--profile", "--compare-transformers"]) == 0
-    r = json.loads(out.read_text())
+    r, _, printed = tiny_bench
     cfg = preset("tiny", compute_dtype="float32")  # bench's default --dtype; the cache keeps that dtype
     gen, read = r["generate"], r["generate"]["bytes_per_step"]
     assert read["weights"] == decode_weight_bytes(cfg, "float32", 1)
-    _, cache = prefill(init_params(cfg, jax.random.key(0)), cfg, np.zeros((1, 16), np.int32), max_len=16 + 4)
-    assert read["cache"] == sum(x.nbytes for x in jax.tree.leaves(cache))
+    # the cache prefill returns, by shape and dtype (eval_shape: nothing to compile or run)
+    _, cache = jax.eval_shape(lambda: prefill(init_params(cfg, jax.random.key(0)), cfg, np.zeros((1, SEQ), np.int32),
+                                              max_len=SEQ + NEW_TOKENS))
+    assert read["cache"] == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
     assert read["total"] == read["weights"] + read["cache"]
     assert r["read_bandwidth"]["bytes"] == min(max(read["total"], 16 * 2**20), 2**30) // 4096 * 4096
     assert r["read_bandwidth"]["bytes_per_s"] > 0
     assert abs(gen["mbu"] - read["total"] * gen["decode_tokens_per_s"] / r["read_bandwidth"]["bytes_per_s"]) < 1e-12
     hf_mbu = read["total"] * r["transformers"]["decode_tokens_per_s"] / r["read_bandwidth"]["bytes_per_s"]
     assert abs(r["transformers"]["decode_mbu"] - hf_mbu) < 1e-12
-    _assert_paired_speedups(r, {"forward": 16, "prefill": 16, "decode": 1})
     for steps, first in ((gen["decode"], gen["prefill"]),  # a round's generate less the median prefill
                          (gen["transformers"]["decode"], gen["transformers"]["prefill"])):
-        expected = (np.array(steps["generate_seconds_each"]) - np.median(first["seconds_each"])) / (4 - 1)
+        expected = (np.array(steps["generate_seconds_each"]) - np.median(first["seconds_each"])) / (NEW_TOKENS - 1)
         np.testing.assert_allclose(steps["seconds_each"], np.maximum(expected, 1e-9), rtol=1e-12)
-    printed = capsys.readouterr().out
     assert "MBU" in printed
     # --profile: the decode step traced too, its components found
     decode = gen["profile"]
