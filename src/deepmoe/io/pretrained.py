@@ -148,10 +148,10 @@ def load_pretrained(path: str | os.PathLike, dtype: Any = jnp.bfloat16, *, stric
         has_mtp = any(k.startswith(MTP_PREFIX) for k in reader.keys())
         if cfg.num_mtp_layers and not has_mtp and "num_mtp_layers" not in config_overrides:
             cfg = cfg.replace(num_mtp_layers=0)
-        if shardings is None:
-            place = lambda path, array: jnp.asarray(array)  # noqa: E731
-        else:
-            place = lambda path, array: jax.device_put(array, _get(shardings, path))  # noqa: E731
+
+        def place(path, array):  # device_put, not jnp.asarray: that compiled a program per distinct tensor shape
+            return jax.device_put(array, None if shardings is None else _get(shardings, path))
+
         params = params_from_reader(reader, cfg, strict=strict, place=place)
     finally:
         reader.close()
