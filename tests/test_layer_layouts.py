@@ -64,20 +64,11 @@ def test_conversions_round_trip(setup):
     assert stack_layers(params, cfg) is params
 
 
-def test_per_layer_forward_and_remat_gradient_match_the_scan(setup):
+def test_per_layer_forward_matches_the_scan(setup):
     cfg, params, ids = setup
-
-    def loss(p, remat):
-        out = dm.forward(p, cfg, ids, remat=remat)
-        return jnp.mean(out.logits ** 2) + jnp.mean(out.mtp_logits ** 2), out
-
-    grad = jax.jit(jax.value_and_grad(loss, has_aux=True, allow_int=True), static_argnums=1)
-    (want_loss, want), want_grads = grad(params, "none")
-    # the per-layer path wraps each layer in its own checkpoint (without remat: the train-step test below)
-    (got_loss, got), got_grads = grad(unstack_layers(params, cfg, split_experts=False), "full")
-    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+    want = dm.forward(params, cfg, ids)
+    got = dm.forward(unstack_layers(params, cfg, split_experts=False), cfg, ids)
     leaves_close(dataclasses.asdict(got), dataclasses.asdict(want), rtol=1e-5, atol=1e-6)  # logits, MTP, aux
-    grads_close(stack_layers(got_grads, cfg), want_grads)
 
 
 def test_a_segment_that_does_not_repeat_is_called_not_scanned(monkeypatch):
@@ -109,7 +100,9 @@ def test_train_steps_match_across_layouts(setup):
     batch = {"input_ids": ids}
     states, steps = {}, {}
     for scan in (True, False):
-        tcfg = TCFG.replace(scan_layers=scan)  # Muon for the matrices: its per-layer dimension numbers too
+        # Muon for the matrices: its per-layer dimension numbers too. The per-layer path with remat: it wraps
+        # each layer in its own checkpoint, whose gradients must be the scan's as well.
+        tcfg = TCFG.replace(scan_layers=scan, remat="none" if scan else "full")
         states[scan], steps[scan] = init_state(cfg, tcfg, jax.random.key(0)), make_train_step(cfg, tcfg)
         assert ("segments" in states[scan].params) == scan and ("layers" in states[scan].params) != scan
     # The two halves apart: the same gradients, and given the same gradients the same update. (Whole steps
