@@ -38,9 +38,10 @@ EXPERTS, EXPERTS_PER_TOKEN, FFN = 64, 6, 128  # routing / grouped matmul
 
 
 def _normal(seed, *shapes):
-    """Standard-normal float32 arrays drawn by numpy: jax.random would compile a program per shape."""
+    """Standard-normal float32 arrays drawn by numpy and placed with device_put: jax.random (and jnp.asarray of a
+    numpy array) would compile a program per shape."""
     rng = np.random.default_rng(seed)
-    return [jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in shapes]
+    return [jax.device_put(rng.standard_normal(shape, np.float32)) for shape in shapes]
 
 
 def _attention_inputs(t, ratio):

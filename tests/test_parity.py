@@ -55,3 +55,11 @@ def test_saved_checkpoint_loads_in_transformers(hf_case, tmp_path):
     reloaded = DeepseekV4ForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32).eval()
     reloaded.config._attn_implementation = "eager"
     np.testing.assert_allclose(hf_logits(reloaded, ids), hf_logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_loading_compiles_nothing(hf_case, compile_log):
+    """Every tensor goes to the device with device_put; jnp.asarray compiled a program per tensor shape."""
+    *_, directory = hf_case
+    with compile_log() as compiles:
+        dm.load_pretrained(directory, jnp.float32)
+    assert compiles == []
