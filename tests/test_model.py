@@ -10,7 +10,6 @@ from deepmoe.layers.hyper import sinkhorn, weighted_stream_sum
 from deepmoe.layers.precision import einsum
 
 F32 = dm.preset("tiny").replace(compute_dtype="float32")
-forward = dm.forward  # on concrete arrays it compiles itself, once per config and shapes
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +38,9 @@ def test_packed_documents_equal_separate_runs(tiny_params, ids):
     attention and compression never cross documents, positions restart."""
     split = 37  # not a multiple of the window (16) or either ratio (4, 16)
     seg = jnp.concatenate([jnp.zeros((2, split), jnp.int32), jnp.ones((2, 80 - split), jnp.int32)], axis=1)
-    packed = forward(tiny_params, F32, ids, segment_ids=seg, mtp=False).logits
-    first = forward(tiny_params, F32, ids[:, :split], mtp=False).logits
-    second = forward(tiny_params, F32, ids[:, split:], mtp=False).logits
+    packed = dm.forward(tiny_params, F32, ids, segment_ids=seg, mtp=False).logits
+    first = dm.forward(tiny_params, F32, ids[:, :split], mtp=False).logits
+    second = dm.forward(tiny_params, F32, ids[:, split:], mtp=False).logits
     np.testing.assert_allclose(np.asarray(packed[:, :split]), np.asarray(first), atol=2e-5)
     np.testing.assert_allclose(np.asarray(packed[:, split:]), np.asarray(second), atol=2e-5)
 
@@ -51,7 +50,7 @@ def test_bf16_agrees_with_fp32(tiny_params, forward_f32, ids):
     identical, so the policy really changes the compute dtype)."""
     seg = jnp.zeros_like(ids)
     ref = np.asarray(forward_f32(tiny_params, ids, seg).logits)
-    low = np.asarray(forward(tiny_params, F32.replace(compute_dtype="bfloat16"), ids).logits)
+    low = np.asarray(dm.forward(tiny_params, F32.replace(compute_dtype="bfloat16"), ids).logits)
     assert low.dtype == np.float32
     err = np.abs(low - ref).max() / np.abs(ref).max()
     assert 0 < err < 0.05, err
@@ -81,8 +80,8 @@ def test_one_row_products(dtype, spec, shapes, two_rows):
 
 
 def test_moe_strategies_agree(tiny_params, ids):
-    dense = forward(tiny_params, F32, ids, moe_strategy="dense")
-    ragged = forward(tiny_params, F32, ids, moe_strategy="sorted")
+    dense = dm.forward(tiny_params, F32, ids, moe_strategy="dense")
+    ragged = dm.forward(tiny_params, F32, ids, moe_strategy="sorted")
     np.testing.assert_allclose(np.asarray(dense.logits), np.asarray(ragged.logits), atol=1e-5)
 
 
@@ -107,7 +106,7 @@ def test_forward_on_concrete_arrays_is_one_compiled_program(tiny_params, forward
 
 
 def test_router_statistics(tiny_params, ids):
-    out = forward(tiny_params, F32, ids)
+    out = dm.forward(tiny_params, F32, ids)
     counts = np.asarray(out.aux["expert_counts"])  # [L, B, E]
     assert counts.shape == (F32.num_layers, 2, F32.num_experts)
     np.testing.assert_array_equal(counts.sum(-1), ids.shape[1] * F32.experts_per_token)
