@@ -4,6 +4,7 @@ the performance issue: >= 35 %), with XLA's attention and with the Pallas kernel
     python experiments/train_mfu.py                      # medium, bf16, batch 4 x seq 4096, both kernel choices
     python experiments/train_mfu.py --variants reference --batch 2
     python experiments/train_mfu.py --quick              # tiny, seq 64, XLA attention only: the CPU test run
+    python experiments/train_mfu.py --variants reference --profile   # and where the step's time goes
 
 Each variant is one `deepmoe bench` run (deepmoe.bench.run_bench, decode skipped unless --decode): the bf16 peak
 of a square `jnp.dot` large enough to keep the device busy (bench.peak_matmul_size), then the forward and an
@@ -13,6 +14,11 @@ memory_analysis, the device's peak bytes in use, and what `deepmoe plan` predict
 that runs out of device memory is retried at half the batch; one that fails otherwise is recorded with its
 error (exit status 1) and the next one still runs.
 
+--profile (on in --quick) also traces the forward and the train step (deepmoe.profile, as `deepmoe bench
+--profile`): op time per model component, and the matmuls' FLOPs, op time and rate against the peak, which
+tells slow matmuls from time spent outside them. Traces go to OUT/trace-VARIANT/. Should profiling fail, the
+variant is measured again without it, so the MFU is not lost.
+
 Meant for a GPU machine: there, `medium` at batch 4 x 4096 is planned at ~66 GB (fits an H100 or H200). Results
 are written after every variant, so a run cut short keeps what finished. Writes results.json and train_mfu.png
 (MFU per variant against the 35 % line, and tokens/s) under --out.
@@ -21,17 +27,20 @@ are written after every variant, so a run cut short keeps what finished. Writes 
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
 from deepmoe import experiment as ex
+from deepmoe.bench import PROFILED
 from deepmoe.config import PRESETS
+from deepmoe.profile import format_profile
 
 NAME = "train_mfu"
 VARIANTS = ("reference", "pallas")  # ModelConfig.kernels
 TARGET = 0.35
-QUICK = dict(preset="tiny", batch=2, seq=64, variants=["reference"], repeats=1)
-FULL = dict(preset="medium", batch=4, seq=4096, variants=list(VARIANTS), repeats=5)
+QUICK = dict(preset="tiny", batch=2, seq=64, variants=["reference"], repeats=1, profile=True)
+FULL = dict(preset="medium", batch=4, seq=4096, variants=list(VARIANTS), repeats=5, profile=False)
 
 
 def parse_args(argv: Sequence[str] | None):
@@ -43,6 +52,8 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"), help="compute dtype")
     p.add_argument("--repeats", type=int, help="timed steps per measurement (default 5; quick 1)")
     p.add_argument("--decode", action="store_true", help="also time prefill and decode")
+    p.add_argument("--profile", action="store_true", default=None,
+                   help="also trace the forward and the train step: time per component, matmul rate (quick: on)")
     return ex.parse(p, argv, QUICK, FULL)
 
 
@@ -60,28 +71,39 @@ def out_of_memory(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower()
 
 
-def run_variant(cfg, kernels: str, args, bench=None) -> dict:
-    """One bench run with these attention kernels. Out of device memory, it tries again at half the batch (down
-    to 1): one call of a rationed accelerator still measures something. Any other failure is recorded as
-    {"error": ...}, so the other variant still runs."""
+def _error(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).strip()[:2000]}"
+
+
+def run_variant(cfg, kernels: str, args, bench=None, trace_dir: str | None = None) -> dict:
+    """One bench run with these attention kernels (profiled into trace_dir when given). Out of device memory, it
+    tries again at half the batch (down to 1): one call of a rationed accelerator still measures something. A
+    profiled run that fails otherwise is run again unprofiled (the error kept as `profile_error`); any other
+    failure is recorded as {"error": ...}, so the other variant still runs."""
     from deepmoe.bench import run_bench
 
     bench = bench or run_bench
-    batch = args.batch
+    batch, failed_profile = args.batch, None
     while True:
         try:
             r = bench(cfg.replace(kernels=kernels), batch=batch, seq=args.seq, repeats=args.repeats,
                       new_tokens=16, compare=False, skip=set() if args.decode else {"decode"},
-                      log=lambda msg: print(f"  [{kernels}] {msg}", flush=True))
+                      log=lambda msg: print(f"  [{kernels}] {msg}", flush=True), trace_dir=trace_dir)
         except Exception as err:  # noqa: BLE001 - recorded in results.json, the run goes on
             if out_of_memory(err) and batch > 1:
                 print(f"  [{kernels}] batch {batch} ran out of device memory; trying {batch // 2}", flush=True)
                 batch //= 2
                 continue
-            return {"batch": batch, "error": f"{type(err).__name__}: {str(err).strip()[:2000]}"}
+            if trace_dir:
+                print(f"  [{kernels}] the profiled run failed ({_error(err)[:200]}); measuring without profiling",
+                      flush=True)
+                trace_dir, failed_profile = None, _error(err)
+                continue
+            return {"batch": batch, "error": _error(err)}
         keep = ("peak_flops", "model_flops_per_token", "forward", "train", "generate", "device_memory",
                 "peak_rss_bytes", "backend", "devices")
-        return {"batch": batch, "plan": planned(cfg, args, batch), **{k: r[k] for k in keep if k in r}}
+        return {"batch": batch, "plan": planned(cfg, args, batch), **{k: r[k] for k in keep if k in r},
+                **({"profile_error": failed_profile} if failed_profile else {})}
 
 
 def _paired(part: dict) -> str:
@@ -93,10 +115,12 @@ def describe(r: dict, dtype: str) -> str:
     if "error" in r:
         return f"failed at batch {r['batch']}: {r['error'].splitlines()[0][:200]}"
     t, f = r["train"], r["forward"]
-    return (f"batch {r['batch']}: train {t['tokens_per_s']:,.0f} tok/s, MFU {100 * t['mfu']:.1f} %{_paired(t)} "
+    text = (f"batch {r['batch']}: train {t['tokens_per_s']:,.0f} tok/s, MFU {100 * t['mfu']:.1f} %{_paired(t)} "
             f"(target {100 * TARGET:.0f} %); forward {f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['mfu']:.1f} %"
             f"{_paired(f)}; "
             f"peak {r['peak_flops'][dtype] / 1e12:.1f} TFLOP/s {dtype}")
+    profiles = [(title, r[part]["profile"]) for part, title in PROFILED if "profile" in r.get(part, {})]
+    return "\n".join([text] + [textwrap.indent(format_profile(f"profile, {title}", p), "  ") for title, p in profiles])
 
 
 def plot(results: dict, out: Path, title: str, dtype: str) -> list[Path]:
@@ -142,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{planned_bytes / 2**20:,.0f} MiB on the device", flush=True)
     results: dict = {}
     for kernels in args.variants:  # one at a time, results written after each (a run cut short keeps them)
-        results.update(ex.run_variants([kernels], lambda k: run_variant(cfg, k, args),
+        trace_dir = str(out / f"trace-{kernels}") if args.profile else None
+        results.update(ex.run_variants([kernels], lambda k: run_variant(cfg, k, args, trace_dir=trace_dir),
                                        lambda r: describe(r, args.dtype), quick=args.quick))
         plots = plot(results, out, f"{args.preset}, seq {args.seq}, {args.dtype}, {device}", args.dtype)
         ex.write_results(out, NAME, args.quick, plots, settings=settings, variants=results)

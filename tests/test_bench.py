@@ -86,6 +86,14 @@ def test_bench_json_and_mfu_formula(tiny_bench):
     assert abs(sum(step["components"].values()) - step["op_ms_per_run"]) < 1e-6
     assert (out_dir / "tiny-profile.png").read_bytes()[:4] == b"\x89PNG" and (out_dir / "tiny-trace").is_dir()
     assert "profile, train step:" in printed
+    # the programs' matmuls: at least the model's FLOPs (the plan counts only products the model must do), at a
+    # rate that is their FLOPs over their op time, against the peak
+    for part, part_flops in (("forward", flops["forward"]), ("train", flops["model"])):
+        mm = r[part]["profile"]["matmul"]
+        assert mm["per_model_flop"] == pytest.approx(mm["flops_per_run"] / (part_flops * SEQ), rel=1e-12)
+        assert 1 <= mm["per_model_flop"] < 2 and 0 < mm["op_ms_per_run"] <= r[part]["profile"]["op_ms_per_run"]
+        assert mm["peak_share"] == pytest.approx(mm["flops_per_run"] / (mm["op_ms_per_run"] / 1e3) / peak, rel=1e-12)
+    assert printed.count("  matmuls: ") == 3  # forward, train step, decode step
 
 
 def test_bench_decode_mbu(tiny_bench):

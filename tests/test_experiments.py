@@ -294,6 +294,12 @@ def test_train_mfu_is_the_bench_formula_and_records_the_plan(quick_run):
     assert r["batch"] == 2
     params = dm.init_params(cfg, jax.random.key(0))
     assert r["plan"]["memory"]["params"] == sum(x.nbytes for x in jax.tree.leaves(params))
+    # --profile (on in --quick): both programs traced, their matmuls at least the model's FLOPs
+    for part, per_token in (("train", flops["model"]), ("forward", flops["forward"])):
+        matmul = r[part]["profile"]["matmul"]
+        assert matmul["flops_per_run"] == pytest.approx(matmul["per_model_flop"] * per_token * 2 * 64, rel=1e-12)
+        assert matmul["per_model_flop"] >= 1 and "profile_error" not in r
+    assert (out / "trace-reference").is_dir()
 
 
 def test_train_mfu_halves_the_batch_when_the_device_runs_out_of_memory():
@@ -319,6 +325,17 @@ def test_train_mfu_halves_the_batch_when_the_device_runs_out_of_memory():
 
     r = module.run_variant(dm.preset("tiny"), "pallas", args, bench=broken)
     assert r == {"batch": 8, "error": "ValueError: the pallas lowering failed"}
+
+    def unprofilable(cfg, *, batch, trace_dir, **_):
+        tried.append((batch, trace_dir))
+        if trace_dir:
+            raise RuntimeError("no device op events in the trace")
+        return {"train": {"mfu": 0.4}, "forward": {"mfu": 0.5}}
+
+    tried.clear()
+    r = module.run_variant(dm.preset("tiny"), "reference", args, bench=unprofilable, trace_dir="t")
+    assert tried == [(8, "t"), (8, None)] and r["train"] == {"mfu": 0.4}
+    assert r["profile_error"] == "RuntimeError: no device op events in the trace"
 
 
 def test_train_mfu_refuses_the_accelerator_benchmark_on_cpu(tmp_path, capsys):

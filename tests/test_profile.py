@@ -55,6 +55,55 @@ def test_profile_attributes_time_and_counts_loop_iterations(scoped_program, tmp_
     assert all(op.count_per_run == 1 for op in prof["ops"] if "while" not in op.op.op_name)
     loop = [op for op in prof["ops"] if op.op.opcode == "while"]  # kept with its self time (see below)
     assert len(loop) == 1 and loop[0].count_per_run == 1 and loop[0].ms_per_run >= 0
+    # the matmuls executed per run, by hand: 4 products of 512^3 and 7 loop iterations of a 64^3 one
+    matmul = prof["matmul"]
+    assert matmul["flops_per_run"] == 4 * 2 * 512 ** 3 + 7 * 2 * 64 ** 3
+    holders = [op for op in prof["ops"] if op.op.flops]
+    assert 0 < matmul["op_ms_per_run"] == pytest.approx(sum(op.ms_per_run for op in holders), rel=1e-12)
+    assert matmul["op_ms_per_run"] <= prof["op_ms_per_run"] and not any(op.op.opcode == "while" for op in holders)
+
+
+_GPU_LIKE_HLO = """HloModule jit_step, entry_computation_layout={(f32[64,32]{1,0}, f32[32,16]{1,0})->f32[64,16]{1,0}}
+
+%gemm_fusion_dot (p0: bf16[8,64,32], p1: bf16[8,32,16]) -> bf16[8,64,16] {
+  %p0 = bf16[8,64,32]{2,1,0} parameter(0)
+  %p1 = bf16[8,32,16]{2,1,0} parameter(1)
+  ROOT %dot.1 = bf16[8,64,16]{2,1,0} dot(bf16[8,64,32]{2,1,0} %p0, bf16[8,32,16]{2,1,0} %p1), lhs_batch_dims={0}, \
+lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}
+}
+
+%body (carry: f32[64,32]) -> f32[64,32] {
+  %carry = f32[64,32]{1,0} parameter(0)
+  %w = f32[32,32]{1,0} constant({...})
+  ROOT %dot.2 = f32[64,32]{1,0} dot(f32[64,32]{1,0} %carry, f32[32,32]{1,0} %w), lhs_contracting_dims={1}, \
+rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: f32[64,32], y: f32[32,16]) -> f32[64,16] {
+  %x = f32[64,32]{1,0} parameter(0)
+  %y = f32[32,16]{1,0} parameter(1)
+  %gemm = (f32[64,16]{1,0}, s8[4194304]{0}) custom-call(f32[64,32]{1,0} %x, f32[32,16]{1,0} %y), \
+custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":\
+{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],\
+"rhs_batch_dimensions":[]}}}
+  %a = bf16[8,64,32]{2,1,0} broadcast(%x), dimensions={1,2}
+  %b = bf16[8,32,16]{2,1,0} broadcast(%y), dimensions={1,2}
+  %fusion = bf16[8,64,16]{2,1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot
+  %loop = f32[64,32]{1,0} while(%x), condition=%cond, body=%body
+  ROOT %out = f32[64,16]{1,0} get-tuple-element(%gemm), index=0
+}
+"""
+
+
+def test_matmul_flops_of_library_calls_fusions_and_loops():
+    """2 x output elements x contracted size, by hand: a cuBLAS GEMM custom call (its first output; the dims from
+    its backend config), a fusion through the computation it calls, a dot in a loop body (its own op; the loop
+    holds none), nothing for any other op."""
+    _, ops = hlo_ops(_GPU_LIKE_HLO)
+    assert ops["gemm"].opcode == "custom-call" and ops["gemm"].flops == 2 * 64 * 16 * 32
+    assert ops["fusion"].flops == 2 * 8 * 64 * 16 * 32 == ops["dot.1"].flops
+    assert ops["dot.2"].flops == 2 * 64 * 32 * 32 and ops["loop"].flops == 0
+    assert all(ops[name].flops == 0 for name in ("x", "a", "b", "out", "carry"))
 
 
 def test_self_times_subtract_directly_nested_events():

@@ -29,7 +29,10 @@ Measured, in one process:
 - with --profile: where the time of the forward, the train step and a decode step goes, per model component
   (attention, moe, mhc, the layer scan's weight slices, optimizer update; forward and backward apart), from a
   jax.profiler trace (deepmoe.profile): printed, in the JSON, as a PNG bar chart next to it, and the trace itself
-  for TensorBoard or Perfetto (runs/bench/<name>-trace/).
+  for TensorBoard or Perfetto (runs/bench/<name>-trace/). Beside it, the program's matmuls: the FLOPs its
+  matmul ops execute per run (read from the HLO; as a multiple of the model's FLOPs, padding and masked blocks
+  included), their op time and rate as a share of the measured peak, and the op time of everything else: an
+  MFU below target is slow matmuls, time outside them, or both.
 Times are medians over repeats after a warm-up; each repeat's time is in the JSON (`seconds_each`) and their
 spread is printed (a busy machine shows it). Writes JSON (default runs/bench/<preset>.json).
 """
@@ -474,11 +477,25 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
         if part in result:
             result[part]["mfu"] = part_flops * result[part]["tokens_per_s"] / peak
             result[part].update(paired_mfu(result[part], part_flops, peak_matmul_flops, ids.size))
+            if "profile" in result[part]:
+                matmul_rates(result[part]["profile"]["matmul"], peak, part_flops * ids.size)
+    if "profile" in result.get("generate", {}):
+        matmul_rates(result["generate"]["profile"]["matmul"], peak)
     result["peak_rss_bytes"] = peak_rss_bytes()
     stats = jax.devices()[0].memory_stats()  # None on CPU
     if stats:
         result["device_memory"] = {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_limit") if k in stats}
     return result
+
+
+def matmul_rates(matmul: dict[str, Any], peak: float, model_flops_per_run: float | None = None) -> None:
+    """Adds to a profile's matmul totals (deepmoe.profile) their rate as a share of the measured peak and, where
+    the model's FLOPs per run are known, how many matmul FLOPs the program executes per model FLOP (padding,
+    masked blocks and recomputation make it more than 1)."""
+    if matmul["op_ms_per_run"]:
+        matmul["peak_share"] = matmul["flops_per_run"] / (matmul["op_ms_per_run"] / 1e3) / peak
+    if model_flops_per_run:
+        matmul["per_model_flop"] = matmul["flops_per_run"] / model_flops_per_run
 
 
 def _spread(part: dict[str, Any]) -> str:

@@ -9,6 +9,11 @@ for a neighbour's source (`hlo_ops`), `no source` when none has one. Times are s
 threads (XLA:CPU runs independent ops on several cores at once, so the sum can exceed the wall time). A while
 loop's or call's event spans the events of its body's ops: each op counts its self time (its duration less
 that of the events nested in it), so nothing is counted twice and a loop keeps only its own overhead.
+
+Beside the components, the matmuls: each op's matmul FLOPs per execution, read from the HLO (a `dot`, the dots
+of the computation a fusion calls, or a library GEMM custom call: 2 x output elements x contracted size), times
+its executions, against the op time of the ops that hold them. Their rate, next to the measured peak, says how
+much of the MFU gap is slow matmuls and how much is time spent outside them.
 Used by `deepmoe bench --profile`.
 """
 
@@ -24,6 +29,8 @@ from typing import Any, Callable, Iterable
 
 SCOPES = {"attention": "attention", "moe": "moe", "mhc_pre": "mhc", "mhc_post": "mhc"}
 _OP_LINE = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
+_COMPUTATION = re.compile(r"(?:ENTRY )?%?([\w.\-]+) .*\{$")  # `%fused_computation.3 (p: f32[2]) -> f32[2] {`
+_GEMM_TARGETS = ("gemm", "matmul")  # custom-call targets of library matmuls: __cublas$gemm, __cublas$lt$matmul, ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +38,7 @@ class HloOp:
     name: str
     opcode: str
     op_name: str  # the JAX source path (named scopes) from the op's metadata; "" when it has none
+    flops: int = 0  # matmul FLOPs per execution (module docstring)
 
 
 @dataclasses.dataclass
@@ -56,19 +64,67 @@ def _opcode(rest: str) -> str:
     return match.group(1) if match else ""
 
 
+def _dims(type_text: str) -> list[int]:
+    """The dimensions of the first array shape in an HLO type (`f32[8,160,256]{2,1,0}`, or a tuple's first)."""
+    match = re.search(r"\w+\[([\d,]*)\]", type_text)
+    return [int(d) for d in match.group(1).split(",") if d] if match else []
+
+
+def _matmul_flops(opcode: str, rest: str, operands: list[str], dims: dict[str, list[int]]) -> int:
+    """2 x output elements x contracted size of a `dot` or a library GEMM custom call; 0 for any other op."""
+    target = re.search(r'custom_call_target="([^"]*)"', rest) if opcode == "custom-call" else None
+    if opcode == "dot":
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    elif target and any(t in target.group(1).lower() for t in _GEMM_TARGETS):
+        contracting = re.search(r'"lhs_?[cC]ontracting_?[dD]imensions":\[([^\]]*)\]', rest)
+    else:
+        return 0
+    lhs = dims.get(operands[0], []) if operands else []
+    if not contracting or not lhs:
+        return 0
+    size = 1
+    for d in re.findall(r"\d+", contracting.group(1)):
+        size *= lhs[int(d)]
+    out = 1
+    for d in _dims(rest):
+        out *= d
+    return 2 * out * size
+
+
 def hlo_ops(hlo_text: str) -> tuple[str, dict[str, HloOp]]:
     """(module name, {op name: HloOp}) of a compiled program's HLO text (`compiled.as_text()`). An op XLA made
     without a source path (e.g. a dot it split off a fusion) takes the path of an op that consumes it or, failing
-    that, of one it consumes."""
+    that, of one it consumes. A fusion's matmul FLOPs are those of the computation it calls (a loop or call
+    is not a fusion: its body's ops are traced, and counted, on their own)."""
     header = re.match(r"HloModule ([\w.\-]+)", hlo_text)
     parsed: dict[str, tuple[str, str, list[str]]] = {}
+    lines: list[tuple[str, str, str]] = []  # (computation, op name, text after ` = `)
+    dims: dict[str, list[int]] = {}
+    computation = ""
     for line in hlo_text.splitlines():
         match = _OP_LINE.match(line)
         if not match:
+            started = _COMPUTATION.match(line) if not line.startswith(" ") else None
+            computation = started.group(1) if started else computation
             continue
         name, rest = match.groups()
         op_name = re.search(r'op_name="([^"]*)"', rest)
         parsed[name] = (_opcode(rest), op_name.group(1) if op_name else "", re.findall(r"%([\w.\-]+)", rest))
+        lines.append((computation, name, rest))
+        dims[name] = _dims(rest)
+    own = {name: _matmul_flops(parsed[name][0], rest, parsed[name][2], dims) for _, name, rest in lines}
+    fused = {name: re.findall(r"calls=%([\w.\-]+)", rest) if parsed[name][0] == "fusion" else []
+             for _, name, rest in lines}
+    members: dict[str, list[str]] = collections.defaultdict(list)
+    for comp, name, _ in lines:
+        members[comp].append(name)
+    memo: dict[str, int] = {}
+
+    def flops(name: str) -> int:  # the op's own matmuls and, for a fusion, those of its (nested) computations
+        if name not in memo:
+            memo[name] = own[name] + sum(flops(member) for comp in fused[name] for member in members[comp])
+        return memo[name]
+
     paths = {name: path for name, (_, path, _) in parsed.items()}
     users: dict[str, list[str]] = collections.defaultdict(list)
     for name, (_, _, operands) in parsed.items():
@@ -78,7 +134,7 @@ def hlo_ops(hlo_text: str) -> tuple[str, dict[str, HloOp]]:
         for name, (_, _, operands) in parsed.items():
             if not paths[name]:
                 paths[name] = next((paths[n] for n in users[name] + operands if paths.get(n)), "")
-    ops = {name: HloOp(name, opcode, paths[name]) for name, (opcode, _, _) in parsed.items()}
+    ops = {name: HloOp(name, opcode, paths[name], flops(name)) for name, (opcode, _, _) in parsed.items()}
     return (header.group(1) if header else ""), ops
 
 
@@ -168,14 +224,17 @@ def profile_runs(run: Callable[[], Any], programs: Iterable[tuple[str, str | Non
     components: collections.Counter = collections.Counter()
     for t in ops:
         components[lumped[t.module] or component(t.op)] += t.ms_per_run
+    matmul_ops = [t for t in ops if t.op.flops]
     return {"wall_ms_per_run": 1e3 * wall / runs, "op_ms_per_run": sum(t.ms_per_run for t in ops),
-            "components": dict(components.most_common()), "ops": ops}
+            "components": dict(components.most_common()), "ops": ops,
+            "matmul": {"flops_per_run": sum(t.op.flops * t.count_per_run for t in matmul_ops),
+                       "op_ms_per_run": sum(t.ms_per_run for t in matmul_ops)}}
 
 
 def summary(profile: dict[str, Any], top: int = 8) -> dict[str, Any]:
     """The JSON-able part: times per component and the `top` slowest ops."""
     return {"wall_ms_per_run": profile["wall_ms_per_run"], "op_ms_per_run": profile["op_ms_per_run"],
-            "components": profile["components"],
+            "components": profile["components"], "matmul": profile["matmul"],
             "top_ops": [{"module": t.module, "op": t.op.name, "opcode": t.op.opcode, "source": t.op.op_name,
                          "ms_per_run": t.ms_per_run, "count_per_run": t.count_per_run}
                         for t in profile["ops"][:top]]}
@@ -186,6 +245,14 @@ def format_profile(title: str, profile: dict[str, Any]) -> str:
     lines = [f"{title}: {profile['wall_ms_per_run']:.1f} ms per run (wall), {profile['op_ms_per_run']:.1f} ms of "
              "op time summed over threads"]
     lines += [f"  {name:<26} {ms:9.1f} ms {100 * ms / total:5.1f} %" for name, ms in profile["components"].items()]
+    mm = profile.get("matmul", {})
+    if mm.get("flops_per_run") and mm.get("op_ms_per_run"):
+        rate = mm["flops_per_run"] / mm["op_ms_per_run"] / 1e6
+        of_model = f" ({mm['per_model_flop']:.2f}x the model's)" if "per_model_flop" in mm else ""
+        of_peak = f", {100 * mm['peak_share']:.0f} % of the measured peak" if "peak_share" in mm else ""
+        lines.append(f"  matmuls: {mm['flops_per_run'] / 1e9:.3g} GFLOP per run{of_model} in {mm['op_ms_per_run']:.1f} "
+                     f"ms of op time, {rate:.1f} GFLOP/s{of_peak}; every other op "
+                     f"{profile['op_ms_per_run'] - mm['op_ms_per_run']:.1f} ms")
     return "\n".join(lines)
 
 
