@@ -16,8 +16,10 @@ error (exit status 1) and the next one still runs.
 
 --profile (on in --quick) also traces the forward and the train step (deepmoe.profile, as `deepmoe bench
 --profile`): op time per model component, and the matmuls' FLOPs, op time and rate against the peak, which
-tells slow matmuls from time spent outside them. Traces go to OUT/trace-VARIANT/. Should profiling fail, the
-variant is measured again without it, so the MFU is not lost.
+tells slow matmuls from time spent outside them. Traces go to OUT/trace-VARIANT/. On a GPU it turns XLA's command
+buffers off for the whole run (they hide the ops from the trace), so a profiled run's MFU is that of this setting:
+run without --profile for the default's. Should profiling fail, the variant is measured again without it, so the
+MFU is not lost.
 
 Meant for a GPU machine: there, `medium` at batch 4 x 4096 is planned at ~66 GB (fits an H100 or H200). Results
 are written after every variant, so a run cut short keeps what finished. Writes results.json and train_mfu.png
@@ -26,6 +28,7 @@ are written after every variant, so a run cut short keeps what finished. Writes 
 
 from __future__ import annotations
 
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -34,7 +37,7 @@ from typing import Sequence
 from deepmoe import experiment as ex
 from deepmoe.bench import PROFILED
 from deepmoe.config import PRESETS
-from deepmoe.profile import format_profile
+from deepmoe.profile import format_profile, keep_ops_in_trace
 
 NAME = "train_mfu"
 VARIANTS = ("reference", "pallas")  # ModelConfig.kernels
@@ -148,6 +151,8 @@ def plot(results: dict, out: Path, title: str, dtype: str) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.profile:
+        keep_ops_in_trace()  # before JAX starts a backend
     import jax
 
     import deepmoe as dm
@@ -159,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = ex.output_dir(args)
     cfg = dm.preset(args.preset).replace(compute_dtype=args.dtype)
     settings = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-                "repeats": args.repeats, "target_train_mfu": TARGET}
+                "repeats": args.repeats, "target_train_mfu": TARGET, "profile": args.profile,
+                "xla_flags": os.environ.get("XLA_FLAGS", "")}
     device = jax.devices()[0].device_kind
     planned_bytes = planned(cfg, args, args.batch)["memory"]["total"]
     print(f"{args.preset} on {device} ({jax.default_backend()}): batch {args.batch} x seq {args.seq}, planned "

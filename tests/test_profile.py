@@ -2,11 +2,16 @@
 loop bodies counted per iteration and loops not counted twice (self times); checked on programs whose structure
 (scopes, trip counts, which part does ~all the FLOPs) is known by construction."""
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import pytest
+from jax._src import xla_bridge
 
-from deepmoe.profile import _self_times, component, hlo_ops, plot_profiles, profile_runs
+from deepmoe.profile import _self_times, component, hlo_ops, keep_ops_in_trace, plot_profiles, profile_runs
 
 
 def _scoped(w, x, n):
@@ -133,3 +138,23 @@ def test_backward_is_its_own_component_and_lumped_programs(tmp_path):
     assert {op.module for op in prof["ops"]} == {hlo_ops(grad.as_text())[0], hlo_ops(update.as_text())[0]}
     png = plot_profiles({"step": prof}, str(tmp_path / "p.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_keep_ops_in_trace_turns_gpu_command_buffers_off_before_the_backend_starts(monkeypatch):
+    """Appended to XLA_FLAGS only while no backend has started and no setting of the user's is there; XLA accepts
+    the flag in a fresh process on this (CPU) jaxlib, which reads it at start-up."""
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    keep_ops_in_trace()  # this test process's backend is up: too late, nothing changes
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2"
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    keep_ops_in_trace()
+    flags = "--xla_force_host_platform_device_count=2 --xla_gpu_enable_command_buffer="
+    assert os.environ["XLA_FLAGS"] == flags
+    keep_ops_in_trace()  # once only
+    assert os.environ["XLA_FLAGS"] == flags
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")  # the user's choice stays
+    keep_ops_in_trace()
+    assert os.environ["XLA_FLAGS"] == "--xla_gpu_enable_command_buffer=FUSION"
+    run = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"], capture_output=True,
+                         text=True, env={**os.environ, "XLA_FLAGS": flags}, timeout=120)
+    assert run.returncode == 0 and run.stdout.split()[-1] == "2", run.stderr[-2000:]

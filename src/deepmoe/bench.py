@@ -32,7 +32,8 @@ Measured, in one process:
   for TensorBoard or Perfetto (runs/bench/<name>-trace/). Beside it, the program's matmuls: the FLOPs its
   matmul ops execute per run (read from the HLO; as a multiple of the model's FLOPs, padding and masked blocks
   included), their op time and rate as a share of the measured peak, and the op time of everything else: an
-  MFU below target is slow matmuls, time outside them, or both.
+  MFU below target is slow matmuls, time outside them, or both. On a GPU, --profile turns XLA's command buffers
+  off for the run (they hide the ops from the trace; `xla_flags` in the JSON records it).
 Times are medians over repeats after a warm-up; each repeat's time is in the JSON (`seconds_each`) and their
 spread is printed (a busy machine shows it). Writes JSON (default runs/bench/<preset>.json).
 """
@@ -54,7 +55,7 @@ import numpy as np
 
 from deepmoe.backend.host_memory import keep_host_buffers
 from deepmoe.bench_plot import plot_comparison
-from deepmoe.profile import format_profile, plot_profiles, profile_runs, summary
+from deepmoe.profile import format_profile, keep_ops_in_trace, plot_profiles, profile_runs, summary
 
 
 PROFILED = (("forward", "forward"), ("train", "train step"), ("generate", "decode step"))  # result key, title
@@ -427,7 +428,8 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
                               "backend": jax.default_backend(), "devices": len(jax.devices()),
                               "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
                               # None: every compile time is a compile, not a load from JAX's cache
-                              "compilation_cache": jax.config.jax_compilation_cache_dir}
+                              "compilation_cache": jax.config.jax_compilation_cache_dir,
+                              "xla_flags": os.environ.get("XLA_FLAGS", "")}
     log("measuring peak matmul FLOP/s ...")
     first_peak = {d: measure_peak_flops(d) for d in ("float32", "bfloat16")}
     flops = flops_per_token(cfg.replace(num_mtp_layers=0), PlanOptions(mode="train", seq_len=seq, remat="none"))
@@ -580,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     if "decode" not in skip and args.new_tokens < 2:
         parser.error(f"--new-tokens must be at least 2 (decode time = a generate of N tokens less the prefill, "
                      f"over N - 1 steps), got {args.new_tokens}; or --skip decode")
+    if args.profile:
+        keep_ops_in_trace()  # before JAX starts a backend: on a GPU, per-op events need command buffers off
     host_buffers = keep_host_buffers()  # before any JAX op (the deepmoe command has already applied it)
 
     import deepmoe as dm

@@ -64,6 +64,18 @@ def _opcode(rest: str) -> str:
     return match.group(1) if match else ""
 
 
+def keep_ops_in_trace() -> None:
+    """Turn XLA's GPU command buffers off for this process: they run many ops as one CUDA-graph launch, and the
+    trace then has no per-op events to attribute (openxla/xprof#3070). Call it before JAX starts a backend (XLA
+    reads XLA_FLAGS once, so once one has started this does nothing); an explicit
+    `xla_gpu_enable_command_buffer` in XLA_FLAGS is left as it is. No effect off GPU."""
+    from deepmoe.backend.host_memory import backend_started
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_command_buffer" not in flags and not backend_started():
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
+
+
 def _dims(type_text: str) -> list[int]:
     """The dimensions of the first array shape in an HLO type (`f32[8,160,256]{2,1,0}`, or a tuple's first)."""
     match = re.search(r"\w+\[([\d,]*)\]", type_text)

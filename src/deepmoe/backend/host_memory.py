@@ -32,6 +32,15 @@ def glibc_linux() -> bool:
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
+def backend_started() -> bool:
+    """Whether JAX has started a backend, after which process-wide runtime settings no longer apply."""
+    try:
+        from jax._src.xla_bridge import backends_are_initialized
+        return backends_are_initialized()
+    except ImportError:  # private API moved: assume the worst
+        return True
+
+
 def keep_host_buffers() -> str:
     """Apply the settings above where they can work; returns what happened (for logs and bench JSON)."""
     if os.environ.get("DEEPMOE_KEEP_HOST_BUFFERS", "1") == "0":
@@ -40,12 +49,7 @@ def keep_host_buffers() -> str:
         return "not applied (needs Linux with glibc)"
     import jax
 
-    try:
-        from jax._src.xla_bridge import backends_are_initialized
-        started = backends_are_initialized()
-    except ImportError:  # private API moved: assume the worst
-        started = True
-    if started:
+    if backend_started():
         return "not applied (a JAX backend was already started; call keep_host_buffers() before using JAX)"
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     if not (libc.mallopt(_M_MMAP_THRESHOLD, _LARGEST) and libc.mallopt(_M_TRIM_THRESHOLD, _LARGEST)):
