@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import pytest
 from jax._src import xla_bridge
 
-from deepmoe.profile import _self_times, component, hlo_ops, keep_ops_in_trace, plot_profiles, profile_runs
+from deepmoe.profile import (_matmul_label, _self_times, component, hlo_ops, keep_ops_in_trace, plot_profiles,
+                             profile_runs)
 
 
 def _scoped(w, x, n):
@@ -136,6 +137,10 @@ def test_backward_is_its_own_component_and_lumped_programs(tmp_path):
     assert "attention (backward)" in prof["components"] and "attention" in prof["components"]
     assert "optimizer update" in prof["components"]
     assert {op.module for op in prof["ops"]} == {hlo_ops(grad.as_text())[0], hlo_ops(update.as_text())[0]}
+    # five 128^3 products per step: h = tanh(x w) and h w forward; g w^T, h^T g and x^T g' backward
+    assert prof["matmul"]["flops_per_run"] == 5 * 2 * 128 ** 3
+    share = round(100 * prof["matmul"]["op_ms_per_run"] / prof["op_ms_per_run"])
+    assert _matmul_label(prof).startswith(f"\nmatmuls {share} % at ") and _matmul_label({"op_ms_per_run": 1.0}) == ""
     png = plot_profiles({"step": prof}, str(tmp_path / "p.png"))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 

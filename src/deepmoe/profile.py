@@ -277,18 +277,28 @@ def _plot_order(name: str) -> tuple[int, str]:
     return 2 * rank + ("(backward)" in name), name
 
 
+def _matmul_label(profile: dict[str, Any]) -> str:
+    """`matmuls 55 % at 79 GFLOP/s`: their share of the op time and their rate, when the profile has them."""
+    mm = profile.get("matmul", {})
+    if not (mm.get("op_ms_per_run") and profile["op_ms_per_run"]):
+        return ""
+    return (f"\nmatmuls {100 * mm['op_ms_per_run'] / profile['op_ms_per_run']:.0f} % at "
+            f"{mm['flops_per_run'] / mm['op_ms_per_run'] / 1e6:.0f} GFLOP/s")
+
+
 def plot_profiles(profiles: dict[str, dict[str, Any]], path: str) -> str:
     """One horizontal stacked bar per profile (`profile_runs` or `summary` output, keyed by title): each
     component's share of the program's op time, each component's forward and backward in a dark / light pair,
     the program's op time per run in its label (shares, not ms: a decode step is ~50x shorter than a forward);
-    written to `path` (PNG)."""
+    written to `path` (PNG). Where the profile has them, the label adds the matmuls' share of the op time and
+    their rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = sorted({c for p in profiles.values() for c in p["components"]}, key=_plot_order)
-    labels = [f"{title}\n{p['op_ms_per_run']:.1f} ms" for title, p in profiles.items()]
+    labels = [f"{title}\n{p['op_ms_per_run']:.1f} ms{_matmul_label(p)}" for title, p in profiles.items()]
     totals = [max(p["op_ms_per_run"], 1e-12) for p in profiles.values()]
     fig, ax = plt.subplots(figsize=(10, 1.4 + 0.6 * len(profiles)))
     left = [0.0] * len(profiles)
