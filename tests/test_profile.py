@@ -67,6 +67,7 @@ def test_profile_attributes_time_and_counts_loop_iterations(scoped_program, tmp_
     holders = [op for op in prof["ops"] if op.op.flops]
     assert 0 < matmul["op_ms_per_run"] == pytest.approx(sum(op.ms_per_run for op in holders), rel=1e-12)
     assert matmul["op_ms_per_run"] <= prof["op_ms_per_run"] and not any(op.op.opcode == "while" for op in holders)
+    assert matmul["flops_per_s"] == pytest.approx(matmul["flops_per_run"] / (matmul["op_ms_per_run"] / 1e3))
 
 
 _GPU_LIKE_HLO = """HloModule jit_step, entry_computation_layout={(f32[64,32]{1,0}, f32[32,16]{1,0})->f32[64,16]{1,0}}

@@ -494,8 +494,8 @@ def matmul_rates(matmul: dict[str, Any], peak: float, model_flops_per_run: float
     """Adds to a profile's matmul totals (deepmoe.profile) their rate as a share of the measured peak and, where
     the model's FLOPs per run are known, how many matmul FLOPs the program executes per model FLOP (padding,
     masked blocks and recomputation make it more than 1)."""
-    if matmul["op_ms_per_run"]:
-        matmul["peak_share"] = matmul["flops_per_run"] / (matmul["op_ms_per_run"] / 1e3) / peak
+    if matmul["flops_per_s"]:
+        matmul["peak_share"] = matmul["flops_per_s"] / peak
     if model_flops_per_run:
         matmul["per_model_flop"] = matmul["flops_per_run"] / model_flops_per_run
 

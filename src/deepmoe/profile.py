@@ -237,10 +237,12 @@ def profile_runs(run: Callable[[], Any], programs: Iterable[tuple[str, str | Non
     for t in ops:
         components[lumped[t.module] or component(t.op)] += t.ms_per_run
     matmul_ops = [t for t in ops if t.op.flops]
+    matmul_flops = sum(t.op.flops * t.count_per_run for t in matmul_ops)
+    matmul_ms = sum(t.ms_per_run for t in matmul_ops)
     return {"wall_ms_per_run": 1e3 * wall / runs, "op_ms_per_run": sum(t.ms_per_run for t in ops),
             "components": dict(components.most_common()), "ops": ops,
-            "matmul": {"flops_per_run": sum(t.op.flops * t.count_per_run for t in matmul_ops),
-                       "op_ms_per_run": sum(t.ms_per_run for t in matmul_ops)}}
+            "matmul": {"flops_per_run": matmul_flops, "op_ms_per_run": matmul_ms,
+                       "flops_per_s": 1e3 * matmul_flops / matmul_ms if matmul_ms else 0.0}}
 
 
 def summary(profile: dict[str, Any], top: int = 8) -> dict[str, Any]:
@@ -258,12 +260,11 @@ def format_profile(title: str, profile: dict[str, Any]) -> str:
              "op time summed over threads"]
     lines += [f"  {name:<26} {ms:9.1f} ms {100 * ms / total:5.1f} %" for name, ms in profile["components"].items()]
     mm = profile.get("matmul", {})
-    if mm.get("flops_per_run") and mm.get("op_ms_per_run"):
-        rate = mm["flops_per_run"] / mm["op_ms_per_run"] / 1e6
+    if mm.get("flops_per_s"):
         of_model = f" ({mm['per_model_flop']:.2f}x the model's)" if "per_model_flop" in mm else ""
         of_peak = f", {100 * mm['peak_share']:.0f} % of the measured peak" if "peak_share" in mm else ""
         lines.append(f"  matmuls: {mm['flops_per_run'] / 1e9:.3g} GFLOP per run{of_model} in {mm['op_ms_per_run']:.1f} "
-                     f"ms of op time, {rate:.1f} GFLOP/s{of_peak}; every other op "
+                     f"ms of op time, {mm['flops_per_s'] / 1e9:.1f} GFLOP/s{of_peak}; every other op "
                      f"{profile['op_ms_per_run'] - mm['op_ms_per_run']:.1f} ms")
     return "\n".join(lines)
 
@@ -280,10 +281,10 @@ def _plot_order(name: str) -> tuple[int, str]:
 def _matmul_label(profile: dict[str, Any]) -> str:
     """`matmuls 55 % at 79 GFLOP/s`: their share of the op time and their rate, when the profile has them."""
     mm = profile.get("matmul", {})
-    if not (mm.get("op_ms_per_run") and profile["op_ms_per_run"]):
+    if not (mm.get("flops_per_s") and profile["op_ms_per_run"]):
         return ""
     return (f"\nmatmuls {100 * mm['op_ms_per_run'] / profile['op_ms_per_run']:.0f} % at "
-            f"{mm['flops_per_run'] / mm['op_ms_per_run'] / 1e6:.0f} GFLOP/s")
+            f"{mm['flops_per_s'] / 1e9:.0f} GFLOP/s")
 
 
 def plot_profiles(profiles: dict[str, dict[str, Any]], path: str) -> str:
