@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from deepmoe.backend import xla_options
 from deepmoe.config import ModelConfig
 from deepmoe.layers.block import block
 from deepmoe.layers.documents import document_positions
@@ -171,4 +172,7 @@ def _forward(params, input_ids, segment_ids, positions, *, cfg, mtp, moe_strateg
     return ModelOutput(logits=logits, mtp_logits=mtp_logits, aux=aux)
 
 
-_forward_jit = jax.jit(_forward, static_argnames=("cfg", "mtp", "moe_strategy", "remat", "mesh", "rules"))
+# deepmoe's compile options, as prefill and decode: YNNPACK for dots only on CPU, and the collective-safe schedule
+# on a multi-device mesh. Only for concrete arguments: under a caller's transformation `forward` traces `_forward`
+# inline, where this wrapper would nest a jit.
+_forward_jit = xla_options.jit(_forward, static_argnames=("cfg", "mtp", "moe_strategy", "remat", "mesh", "rules"))
