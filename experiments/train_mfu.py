@@ -1,5 +1,11 @@
 """Train-step MFU of the ~1B `medium` preset on one accelerator, against its measured bf16 peak (the GPU target of
-the performance issue: >= 35 %), with XLA's attention and with the Pallas kernels.
+the performance issue: >= 35 %), without and with the Pallas kernels.
+
+The variants are `ModelConfig.kernels`. `reference`: XLA's attention, and the routed experts as the `blocked`
+strategy's dense batched matmuls. `pallas`: the Pallas attention kernels, and the experts through the Pallas
+grouped matmul (`sorted` on `pallas_kernels.gmm`). Neither uses `lax.ragged_dot`, which XLA:GPU expands into a
+product over all 32 experts (moe_dispatch.local_strategy). On a GPU the profile's matmul totals count XLA's dots,
+cuBLAS calls and the grouped matmul kernels; the Pallas attention kernels' products are in "every other op".
 
     python experiments/train_mfu.py                      # medium, bf16, batch 4 x seq 4096, both kernel choices
     python experiments/train_mfu.py --variants reference --batch 2

@@ -4,7 +4,7 @@ Each kernel module holds a pure-jnp reference (also the fallback where Pallas ha
 (forward and backward) and a dispatch function taking ``impl="auto"|"pallas"|"reference"`` and ``interpret``.
 """
 
-from pallas_kernels._common import AUTO_PALLAS_PLATFORMS, Impl, target_platform
+from pallas_kernels._common import AUTO_PALLAS_PLATFORMS, Impl, current_platform, target_platform
 from pallas_kernels.compressed_attention import (compressed_attention, compressed_attention_dense,
                                                  compressed_attention_reference)
 from pallas_kernels.grouped_matmul import gmm, gmm_reference
@@ -19,6 +19,7 @@ __all__ = [
     "compressed_attention",
     "compressed_attention_dense",
     "compressed_attention_reference",
+    "current_platform",
     "gmm",
     "gmm_reference",
     "indexer_scores",

@@ -77,11 +77,16 @@ def target_platform(platform: str) -> Iterator[None]:
         _platform_override.pop()
 
 
+def current_platform() -> str:
+    """The platform kernels are traced for: the innermost ``target_platform``, else JAX's default backend."""
+    return _platform_override[-1] if _platform_override else jax.default_backend()
+
+
 def plan(impl: Impl, interpret: bool | None, platform: str | None = None) -> Plan:
     """Resolve ``impl``/``interpret`` for the current default backend (or ``platform`` when given)."""
     if impl not in ("auto", "pallas", "reference"):
         raise ValueError(f"impl must be 'auto', 'pallas' or 'reference', got {impl!r}")
-    platform = platform or (_platform_override[-1] if _platform_override else jax.default_backend())
+    platform = platform or current_platform()
     native = platform in _NATIVE_PLATFORMS
     if impl == "reference" or (impl == "auto" and platform not in AUTO_PALLAS_PLATFORMS and not interpret):
         return Plan(False, False, platform)

@@ -1,4 +1,5 @@
-"""Every Pallas kernel (forward and backward) lowers for GPU through Triton, checked on a CPU-only host.
+"""Every Pallas kernel (forward and backward) lowers for GPU through Triton, checked on a CPU-only host, and so
+does a model's train step, without `lax.ragged_dot` (which XLA:GPU expands into E times the work).
 
 Lowering runs the Pallas -> Triton-IR translation in Python (block shapes, indexing, dot operands, atomics);
 compiling that IR to PTX needs a GPU and is not covered here. The target is named as an abstract H100: from jax
@@ -6,6 +7,7 @@ compiling that IR to PTX needs a GPU and is not covered here. The target is name
 """
 
 import os
+import re
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
@@ -13,7 +15,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
 
+import deepmoe as dm  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
+from deepmoe import train  # noqa: E402
+from deepmoe.train.step import build_gradient_fn  # noqa: E402
+from deepmoe.moe_dispatch import local_strategy  # noqa: E402
 from pallas_kernels import _common as pk_common  # noqa: E402
 
 SHAPES = {  # (B, T, H, D, window, N, top_k, indexer heads, indexer dim); T not a multiple of the tiles
@@ -67,6 +73,34 @@ def test_lowers_to_triton(name, shape):
     with pk.target_platform("gpu"), jax.sharding.use_abstract_mesh(GPU_TARGET):
         text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text and "mosaic_gpu" not in text
+
+
+@pytest.mark.parametrize("kernels", ["auto", "reference"])
+def test_train_step_lowers_for_gpu_without_ragged_dot(kernels):
+    """The single-device train step's gradients for a GPU: the routed experts multiply through the gmm / tgmm
+    kernels where Pallas may run (kernels="auto"), as the blocked strategy's dense matmuls where it may not;
+    never through lax.ragged_dot."""
+    cfg = dm.preset("tiny", kernels=kernels)
+    tcfg = train.TrainConfig(optimizer="adamw", batch_size=2, seq_len=64, mtp_weight=0.0, mtp_weight_after_decay=0.0)
+    state = jax.eval_shape(lambda key: train.init_state(cfg, tcfg, key), jax.random.key(0))
+    batch = {"input_ids": jax.ShapeDtypeStruct((2, 64), jnp.int32)}
+    with pk.target_platform("gpu"), jax.sharding.use_abstract_mesh(GPU_TARGET):
+        assert local_strategy(cfg) == ("sorted" if kernels == "auto" else "blocked")
+        lowered = jax.jit(build_gradient_fn(cfg, tcfg)).trace(state.params, state.step, batch)
+        text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "ragged_dot" not in text
+    kernel_names = set(re.findall(r'custom_call @__gpu\$xla\.gpu\.triton\(.*name = "(\w+)"', text))
+    assert {"gmm", "tgmm"} <= kernel_names if kernels == "auto" else not kernel_names
+
+
+@pytest.mark.parametrize("platform,kernels,expected", [
+    ("cpu", "pallas", "blocked"),  # an interpreted grouped matmul would be the slowest choice
+    ("tpu", "reference", "sorted"),  # TPU lowers ragged_dot to a grouped matmul
+    ("ascend", "auto", "blocked"),  # no Pallas, ragged_dot not known to be grouped
+])
+def test_local_moe_strategy_elsewhere(platform, kernels, expected):
+    with pk.target_platform(platform):
+        assert local_strategy(dm.preset("tiny", kernels=kernels)) == expected
 
 
 @pytest.mark.parametrize("impl,interpret,platform,expected", [

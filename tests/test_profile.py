@@ -97,6 +97,15 @@ custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alph
   %b = bf16[8,32,16]{2,1,0} broadcast(%y), dimensions={1,2}
   %fusion = bf16[8,64,16]{2,1,0} fusion(%a, %b), kind=kCustom, calls=%gemm_fusion_dot
   %loop = f32[64,32]{1,0} while(%x), condition=%cond, body=%body
+  %sizes = s32[9]{0} constant({0, 8, 8, 20, 30, 40, 50, 60, 64})
+  %bounds = s32[1]{0} constant({0})
+  %gmm = f32[64,16]{1,0} custom-call(s32[9]{0} %sizes, s32[1]{0} %bounds, s32[1]{0} %bounds, f32[64,32]{1,0} \
+%x, bf16[8,32,16]{2,1,0} %b), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, grid_x \
+= 1 : i32, ir = "MLIR", name = "gmm", num_stages = 2 : i32, num_warps = 4 : i32}
+  %tgmm = f32[8,32,16]{2,1,0} custom-call(s32[9]{0} %sizes, f32[64,32]{1,0} %x, f32[64,16]{1,0} %gmm), \
+custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, ir = "MLIR", name = "tgmm"}
+  %flash = f32[64,16]{1,0} custom-call(f32[64,32]{1,0} %x), custom_call_target="__gpu$xla.gpu.triton", \
+backend_config={name = "flash_fwd"}
   ROOT %out = f32[64,16]{1,0} get-tuple-element(%gemm), index=0
 }
 """
@@ -105,12 +114,15 @@ custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alph
 def test_matmul_flops_of_library_calls_fusions_and_loops():
     """2 x output elements x contracted size, by hand: a cuBLAS GEMM custom call (its first output; the dims from
     its backend config), a fusion through the computation it calls, a dot in a loop body (its own op; the loop
-    holds none), nothing for any other op."""
+    holds none), the Pallas grouped matmuls (Triton calls named gmm / tgmm; not other Triton kernels), nothing
+    for any other op."""
     _, ops = hlo_ops(_GPU_LIKE_HLO)
     assert ops["gemm"].opcode == "custom-call" and ops["gemm"].flops == 2 * 64 * 16 * 32
     assert ops["fusion"].flops == 2 * 8 * 64 * 16 * 32 == ops["dot.1"].flops
     assert ops["dot.2"].flops == 2 * 64 * 32 * 32 and ops["loop"].flops == 0
-    assert all(ops[name].flops == 0 for name in ("x", "a", "b", "out", "carry"))
+    # pallas_kernels' grouped matmuls: each of the 64 rows through one [32, 16] matrix, forward and weight gradient
+    assert ops["gmm"].flops == ops["tgmm"].flops == 2 * 64 * 32 * 16
+    assert all(ops[name].flops == 0 for name in ("x", "a", "b", "out", "carry", "sizes", "flash"))
 
 
 def test_self_times_subtract_directly_nested_events():

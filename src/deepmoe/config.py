@@ -76,8 +76,9 @@ class ModelConfig:
     # norms, router, mHC, compressor softmax, sinks and logits always run in float32.
     param_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
-    # Attention core: "reference" (jnp), "pallas" (pallas_kernels; interpreted where there is no lowering),
-    # "auto" (Pallas on GPU, reference elsewhere). An execution choice, kept here because cfg is static.
+    # Attention core and the `sorted` MoE's grouped matmul: "reference" (jnp, lax.ragged_dot), "pallas"
+    # (pallas_kernels; interpreted where there is no lowering), "auto" (Pallas on GPU, reference elsewhere).
+    # An execution choice, kept here because cfg is static.
     kernels: str = "reference"
     bos_token_id: int = 0
     eos_token_id: int = 1

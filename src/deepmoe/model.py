@@ -108,10 +108,12 @@ def forward(params: dict, cfg: ModelConfig, input_ids: jax.Array, *, segment_ids
     params: stacked (`init_params`: layers scanned per segment) or per-layer (`params.unstack_layers`: layers
     unrolled; what the train step trains unless TrainConfig.scan_layers). Both give the same result.
 
-    moe_strategy: a name in moe_dispatch.NAMES or a moe_dispatch.MoEStrategy; "auto" = "sorted" without a mesh.
+    moe_strategy: a name in moe_dispatch.NAMES or a moe_dispatch.MoEStrategy; "auto" without a mesh is
+    moe_dispatch.local_strategy ("sorted" on TPU and, with Pallas kernels, on GPU; "blocked" elsewhere).
     mesh / rules: run sharded (params placed by sharding.shard_params): activations constrained at block
     boundaries, FSDP parameters gathered per layer, the MoE strategy bound to the mesh.
-    kernels: override cfg.kernels ("reference" | "pallas" | "auto") for the attention core.
+    kernels: override cfg.kernels ("reference" | "pallas" | "auto") for the attention core and the routed
+    experts' grouped matmul.
 
     Called on concrete arrays (not inside jit / grad / vmap), it runs as one compiled program per config and
     shapes: op by op, `tiny`'s forward took ~25 s on a 2-core CPU the first time and ~2 s each time after,

@@ -11,7 +11,8 @@ loop's or call's event spans the events of its body's ops: each op counts its se
 that of the events nested in it), so nothing is counted twice and a loop keeps only its own overhead.
 
 Beside the components, the matmuls: each op's matmul FLOPs per execution, read from the HLO (a `dot`, the dots
-of the computation a fusion calls, or a library GEMM custom call: 2 x output elements x contracted size), times
+of the computation a fusion calls, a library GEMM custom call: 2 x output elements x contracted size; or one of
+`pallas_kernels`' grouped matmuls on GPU: 2 x rows x contracted size x columns), times
 its executions, against the op time of the ops that hold them. Their rate, next to the measured peak, says how
 much of the MFU gap is slow matmuls and how much is time spent outside them.
 Used by `deepmoe bench --profile`.
@@ -31,6 +32,10 @@ SCOPES = {"attention": "attention", "moe": "moe", "mhc_pre": "mhc", "mhc_post": 
 _OP_LINE = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (.*)$")
 _COMPUTATION = re.compile(r"(?:ENTRY )?%?([\w.\-]+) .*\{$")  # `%fused_computation.3 (p: f32[2]) -> f32[2] {`
 _GEMM_TARGETS = ("gemm", "matmul")  # custom-call targets of library matmuls: __cublas$gemm, __cublas$lt$matmul, ...
+# pallas_kernels' grouped matmuls, Triton custom calls named in their backend config: kernel -> operand index of
+# their lhs [M, K] (gmm: offsets, tile bounds, lhs, rhs [G, K, N] -> [M, N]; tgmm: offsets, lhs, dout -> [G, K, N]).
+# Each of the M rows meets one group's matrix: 2 M K N.
+_GROUPED_MATMULS = {"gmm": 3, "tgmm": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +88,14 @@ def _dims(type_text: str) -> list[int]:
 
 
 def _matmul_flops(opcode: str, rest: str, operands: list[str], dims: dict[str, list[int]]) -> int:
-    """2 x output elements x contracted size of a `dot` or a library GEMM custom call; 0 for any other op."""
+    """2 x output elements x contracted size of a `dot` or a library GEMM custom call, 2 M K N of a Pallas grouped
+    matmul; 0 for any other op."""
     target = re.search(r'custom_call_target="([^"]*)"', rest) if opcode == "custom-call" else None
+    kernel = re.search(r'\bname = "(\w+)"', rest) if target and "triton" in target.group(1) else None
+    if kernel and kernel.group(1) in _GROUPED_MATMULS:
+        index = _GROUPED_MATMULS[kernel.group(1)]
+        lhs = dims.get(operands[index], []) if len(operands) > index else []
+        return 2 * lhs[0] * lhs[1] * _dims(rest)[-1] if len(lhs) == 2 and _dims(rest) else 0
     if opcode == "dot":
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
     elif target and any(t in target.group(1).lower() for t in _GEMM_TARGETS):

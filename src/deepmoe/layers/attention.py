@@ -20,6 +20,7 @@ from deepmoe.config import CSA, SLIDING, ModelConfig
 from deepmoe.layers.compressor import CompressedEntries, compress, visible
 from deepmoe.layers.indexer import csa_selection, indexer_keys
 from deepmoe.layers.kernel_attention import kernel_sink_attention
+from deepmoe.layers.kernels import use_pallas_kernels
 from deepmoe.layers.norms import rms_norm
 from deepmoe.layers.precision import compute_dtype, einsum
 from deepmoe.layers.rope import apply_rope, inverse_frequencies
@@ -137,11 +138,6 @@ def attention_with_state(params: dict, cfg: ModelConfig, layer_type: str, x: jax
                                                     segment_ids, inv_freq, index_keys)
     out = sink_attention(cfg, q, kv, segment_ids, params["sinks"], entries, entry_mask)
     return output_projection(params, cfg, out, positions, inv_freq), AttentionState(kv, compressed, index_keys)
-
-
-def use_pallas_kernels(cfg: ModelConfig) -> bool:
-    """cfg.kernels: "pallas" always (interpreted where there is no Pallas lowering), "auto" on GPU only."""
-    return cfg.kernels == "pallas" or (cfg.kernels == "auto" and jax.default_backend() == "gpu")
 
 
 def _kernel_attention(params, cfg, layer_type, x, positions, segment_ids, inv_freq, query_latent, q, kv):

@@ -3,13 +3,14 @@
     run(experts_params, cfg, x [B,T,D], expert_ids [B,T,K], weights [B,T,K]) -> [B,T,D] float32
 
 `dense` evaluates every expert on every token (the reference); `sorted` groups token copies by expert and runs
-`jax.lax.ragged_dot` (dropless; the default on GPU/TPU); `blocked` runs each expert's first copies as batched
-matmuls over fixed-size lanes and loops over whole blocks of the rest (dropless; the default on CPU, where
-ragged_dot costs E times the work); `gather` reads each token's K expert matrices (cached decode steps with
+a grouped matmul (dropless; `pallas_kernels.gmm` where cfg.kernels let Pallas run, else `jax.lax.ragged_dot`);
+`blocked` runs each expert's first copies as batched matmuls over fixed-size lanes and loops over whole blocks
+of the rest (dropless, dense matmuls only); `gather` reads each token's K expert matrices (cached decode steps with
 fewer token copies than experts pick it). On a mesh (`forward(..., mesh=)`) a strategy is bound to it
 (`bind` -> `MeshStrategy`): `ep_all_to_all` (fixed-capacity `lax.all_to_all`, any backend) and `ep_ragged`
 (`lax.ragged_all_to_all`, GPU/TPU) split the routed experts over the `expert` axis; `dense` / `sorted` run
-per device on the local tokens. `auto` asks `backend.capabilities.select` for the platform's choice.
+per device on the local tokens. `auto` without a mesh is `local_strategy`; on a mesh it asks
+`backend.capabilities.select` for the platform's choice.
 Mesh-bound strategies also report `dropped_tokens` (token copies dropped for capacity) into the router stats.
 
 The routed experts' weights come as [E, ...] stacks or, in the inference layout of `params.unstack_layers`, as
@@ -21,9 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
+from deepmoe.layers.kernels import native_pallas, use_pallas_kernels
 from deepmoe.layers.moe import per_expert
 from deepmoe.moe_dispatch.blocked import run as run_blocked
 from deepmoe.moe_dispatch.dense import run as run_dense
@@ -104,6 +105,18 @@ def stacked_experts(params: dict) -> dict:
     return {name: jnp.stack(w) for name, w in params.items()} if per_expert(params) else params
 
 
+def local_strategy(cfg) -> str:
+    """`auto` without a mesh: `sorted` where its grouped matmul is one (TPU's ragged_dot; on GPU the Pallas gmm
+    kernel, when cfg.kernels let it run), `blocked` elsewhere. XLA:CPU, XLA:GPU and unknown plugins expand
+    ragged_dot into a dense product over all E experts (E times the FLOPs: `medium` has 32); `blocked` runs as
+    dense batched matmuls anywhere, at ~1.25x the FLOPs on balanced routing."""
+    import pallas_kernels as pk
+
+    if pk.current_platform() == "tpu" or (native_pallas() and use_pallas_kernels(cfg)):
+        return "sorted"
+    return "blocked"
+
+
 def run_experts(strategy, params, cfg, x, expert_ids, weights):
     if isinstance(strategy, (_Recording, MeshStrategy)):
         params = stacked_experts(params)
@@ -114,8 +127,8 @@ def run_experts(strategy, params, cfg, x, expert_ids, weights):
     if isinstance(strategy, MeshStrategy):
         return strategy.run(params, cfg, x, expert_ids, weights)
     name = strategy_options(strategy).name
-    if name == "auto":  # no mesh: nothing to parallelise over; pick the local grouped matmul
-        name = "blocked" if jax.default_backend() == "cpu" else "sorted"
+    if name == "auto":  # no mesh: nothing to parallelise over
+        name = local_strategy(cfg)
     if name not in STRATEGIES:
         raise ValueError(f"MoE strategy {name!r} runs on a mesh: pass mesh= to forward (dm.make_mesh(...)), or "
                          f"use one of {sorted(STRATEGIES)} on a single device")

@@ -130,10 +130,12 @@ def all_to_all_body(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weig
 
 
 def local_body(run_local: Callable) -> Callable:
-    """A single-device strategy (`sorted`, `dense`) as a per-device body: every device holds all experts."""
+    """A single-device strategy (`sorted`, `dense`) as a per-device body: every device holds all experts. It runs
+    without the Pallas kernels: inside shard_map (check_vma) a pallas_call must declare how its output varies over
+    the mesh axes, which pallas_kernels does not."""
 
     def body(params, cfg, x, expert_ids, weights, lay, valid, **_):
-        y = run_local(params, cfg, x[None], expert_ids[None], weights[None])[0]
+        y = run_local(params, cfg.replace(kernels="reference"), x[None], expert_ids[None], weights[None])[0]
         return y.astype(jnp.float32), jnp.zeros((), jnp.float32)
 
     return body

@@ -304,8 +304,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=None)
     p.add_argument("--remat", choices=("none", "full", "dots", "dots_no_batch"), default=d.remat)
     p.add_argument("--kernels", choices=KERNELS, default=d.kernels,
-                   help="attention core: reference (jnp), pallas (pallas_kernels; interpreted, so slow, where "
-                        "there is no Pallas lowering, e.g. CPU), auto (Pallas on GPU); default: the preset's")
+                   help="attention core and the sorted MoE's grouped matmul: reference (jnp), pallas (pallas_kernels; "
+                        "interpreted, so slow, where there is no Pallas lowering, e.g. CPU), auto (Pallas on GPU); "
+                        "default: the preset's")
     p.add_argument("--scan-layers", choices=("auto", "yes", "no"), default="auto",
                    help="train over stacked layers scanned per segment (yes) or per-layer params, unrolled (no: "
                         "faster steps, longer compile); auto: per-layer for models of at most 16 layers whose "

@@ -71,7 +71,7 @@ class TrainConfig:
     compute_dtype: str | None = None  # None: the model config's
     remat: str = "none"  # none | full | dots | dots_no_batch
     moe_strategy: str = "auto"  # a moe_dispatch name; "auto" = the platform's choice (blocked on CPU)
-    kernels: str | None = None  # attention core: reference | pallas | auto; None: the model config's
+    kernels: str | None = None  # attention core, grouped expert matmul: reference | pallas | auto; None: cfg's
     scan_layers: bool | None = None  # train over stacked layers (scan) or per-layer ones; None: layers_scanned
     skip_nonfinite: bool = False  # False: the loop stops at a non-finite step; True: skip and count
     seed: int = 0
