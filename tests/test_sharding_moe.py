@@ -1,6 +1,7 @@
 """Mesh-bound MoE strategies on 8 simulated CPU devices, against the single-device dropless `sorted` strategy:
 ep_all_to_all (dropless and with a capacity that drops), ep_ragged through its emulated collective, tokens
-split over the expert axis when the batch is not, and the dropped-copy counts."""
+split over the expert axis when the batch is not, and the dropped-copy counts; with the Pallas grouped matmul
+inside the shard_map too."""
 
 import math
 
@@ -93,6 +94,23 @@ def test_dropless_matches_single_device(moe_inputs, mesh_name, strategy):
     ref = run_sorted(params, CFG, x, ids, weights)
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
     assert float(extras["dropped_tokens"]) == 0
+
+
+@pytest.mark.parametrize("strategy", [MoEStrategy("ep_ragged", collective="emulated"), "sorted"],
+                         ids=["ep_ragged_emulated", "sorted"])
+def test_grouped_matmul_kernel_inside_shard_map(moe_inputs, strategy):
+    """kernels="pallas": the per-device grouped matmuls run the Pallas gmm kernel (interpreted here) inside the
+    strategy's shard_map, which then does not check varying axes; values and routing-weight gradients as the
+    single-device run."""
+    params, x, ids, weights = moe_inputs
+    bound = bind(strategy, make_mesh(data=2, expert=4), ShardingRules())
+    cfg = CFG.replace(kernels="pallas")
+    loss = lambda run, c: lambda w: jnp.sum(jnp.sin(run(params, c, x, ids, w)))
+    assert "pallas_call" in str(jax.make_jaxpr(loss(bound.run, cfg))(weights))
+    got, grad = jax.jit(jax.value_and_grad(loss(bound.run, cfg)))(weights)
+    want, want_grad = jax.value_and_grad(loss(run_sorted, CFG))(weights)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want_grad), rtol=1e-4, atol=1e-5)
 
 
 def test_all_to_all_capacity_drops_exactly_the_overflow(moe_inputs):

@@ -188,8 +188,9 @@ def select(platform: str | None = None, *, device_count: int | None = None,
     expert = dict(mesh)["expert"] if expert_axis_size is None else expert_axis_size
     if expert <= 1:
         strategy = "sorted"
-        strategy_reason = ("no expert axis: local sort + ragged_dot / grouped matmul, dropless, "
-                           "no collective needed")
+        strategy_reason = ("no expert axis: on a mesh, local sort + ragged_dot per device, dropless, no collective "
+                           "needed; on one device moe_dispatch.local_strategy picks sorted where the grouped matmul "
+                           "is one (TPU; GPU with Pallas kernels) and blocked where XLA would expand ragged_dot")
     else:
         strategy, strategy_reason = caps.expert_parallel_strategy, caps.strategy_reason
 

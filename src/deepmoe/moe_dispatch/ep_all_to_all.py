@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from deepmoe.layers.kernels import use_pallas_kernels
 from deepmoe.layers.moe import EXPERT_WEIGHTS, swiglu
 from deepmoe.layers.precision import compute_dtype, matmul_precision
 
@@ -130,12 +131,10 @@ def all_to_all_body(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weig
 
 
 def local_body(run_local: Callable) -> Callable:
-    """A single-device strategy (`sorted`, `dense`) as a per-device body: every device holds all experts. It runs
-    without the Pallas kernels: inside shard_map (check_vma) a pallas_call must declare how its output varies over
-    the mesh axes, which pallas_kernels does not."""
+    """A single-device strategy (`sorted`, `dense`) as a per-device body: every device holds all experts."""
 
     def body(params, cfg, x, expert_ids, weights, lay, valid, **_):
-        y = run_local(params, cfg.replace(kernels="reference"), x[None], expert_ids[None], weights[None])[0]
+        y = run_local(params, cfg, x[None], expert_ids[None], weights[None])[0]
         return y.astype(jnp.float32), jnp.zeros((), jnp.float32)
 
     return body
@@ -177,8 +176,11 @@ def run_sharded(body: Callable, params: dict, cfg, x: jax.Array, expert_ids: jax
             dropped = jax.lax.psum(dropped, lay.batch_axes)
         return y.reshape(b, t, d), dropped
 
+    # A pallas_call inside shard_map must declare how its output varies over the mesh axes when JAX checks them
+    # (check_vma), which pallas_kernels' calls do not: with the Pallas kernels on (the grouped matmul of `sorted`
+    # and `ep_ragged`), the check is off.
     fn = jax.shard_map(device_fn, mesh=mesh, in_specs=(weight_specs, token_spec, token_spec, token_spec),
-                       out_specs=(token_spec, P()), check_vma=True)
+                       out_specs=(token_spec, P()), check_vma=not use_pallas_kernels(cfg))
     return fn(params, x, expert_ids, weights)
 
 

@@ -9,7 +9,8 @@ Per device (G = expert-axis size, E_l = E / G local experts, M = N*K local token
   1. sort copies by expert; slice e of the sorted rows goes to device e // E_l (one slice per expert);
   2. all_to_all the per-expert counts, so each receiver knows how many rows every source sends for each
      of its local experts; the receiver lays its buffer out expert-major (expert l: source 0's rows,
-     source 1's rows, ...), so the received rows are already grouped for `lax.ragged_dot`;
+     source 1's rows, ...), so the received rows are already grouped for the grouped matmul
+     (`sort_ragged.grouped_matmul`: the Pallas gmm kernel or `lax.ragged_dot`);
   3. the receiver's offsets go back to the senders (ragged_all_to_all wants them sender-side);
   4. ragged_all_to_all forward, grouped matmuls, ragged_all_to_all back into the senders' sorted order,
      unsort, weight, sum over the K copies.
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from deepmoe.layers.moe import swiglu
 from deepmoe.layers.precision import compute_dtype
 from deepmoe.moe_dispatch.ep_all_to_all import Layout
+from deepmoe.moe_dispatch.sort_ragged import grouped_matmul
 
 
 def receive_rows(num_tokens: int, cfg, expert_size: int, capacity_factor: float | None) -> int:
@@ -118,7 +120,7 @@ def ragged_body(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights:
                     accepted_is.reshape(-1), axis_name=axis)
 
     def grouped(lhs, rhs):
-        return jax.lax.ragged_dot(lhs.astype(dtype), rhs.astype(dtype), group_sizes)
+        return grouped_matmul(cfg, lhs, rhs, group_sizes)
 
     hidden = swiglu(cfg, grouped(buffer, params["w_gate"]), grouped(buffer, params["w_up"]))
     out = grouped(hidden, params["w_down"])  # [buffer_rows, D]; rows past sum(group_sizes) are never sent
