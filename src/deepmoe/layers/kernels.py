@@ -19,4 +19,9 @@ def use_pallas_kernels(cfg: ModelConfig) -> bool:
 
 def native_pallas() -> bool:
     """Whether the traced-for platform compiles the kernels (Triton on GPU) rather than interpreting them."""
-    return pk.current_platform() in pk.AUTO_PALLAS_PLATFORMS
+    return traced_platform() in pk.AUTO_PALLAS_PLATFORMS
+
+
+def traced_platform() -> str:
+    """The platform programs are traced for (see the module docstring)."""
+    return pk.current_platform()

@@ -24,7 +24,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from deepmoe.layers.kernels import native_pallas, use_pallas_kernels
+from deepmoe.layers.kernels import native_pallas, traced_platform, use_pallas_kernels
 from deepmoe.layers.moe import per_expert
 from deepmoe.moe_dispatch.blocked import run as run_blocked
 from deepmoe.moe_dispatch.dense import run as run_dense
@@ -110,9 +110,7 @@ def local_strategy(cfg) -> str:
     kernel, when cfg.kernels let it run), `blocked` elsewhere. XLA:CPU, XLA:GPU and unknown plugins expand
     ragged_dot into a dense product over all E experts (E times the FLOPs: `medium` has 32); `blocked` runs as
     dense batched matmuls anywhere, at ~1.25x the FLOPs on balanced routing."""
-    import pallas_kernels as pk
-
-    if pk.current_platform() == "tpu" or (native_pallas() and use_pallas_kernels(cfg)):
+    if traced_platform() == "tpu" or (native_pallas() and use_pallas_kernels(cfg)):
         return "sorted"
     return "blocked"
 

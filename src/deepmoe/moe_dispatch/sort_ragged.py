@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import pallas_kernels as pk
 
 from deepmoe.layers.kernels import use_pallas_kernels
 from deepmoe.layers.moe import swiglu
@@ -19,8 +20,6 @@ from deepmoe.layers.precision import compute_dtype
 def grouped_matmul(cfg, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """lhs [M, K] (rows sorted by group) x rhs [G, K, N] -> [M, N] in the compute dtype; rows past
     sum(group_sizes) give zeros."""
-    import pallas_kernels as pk
-
     dtype = compute_dtype(cfg)
     impl = "pallas" if use_pallas_kernels(cfg) else "reference"
     return pk.gmm(lhs.astype(dtype), rhs.astype(dtype), group_sizes, impl=impl)
