@@ -20,6 +20,7 @@ import pallas_kernels as pk  # noqa: E402
 from deepmoe import train  # noqa: E402
 from deepmoe.train.step import build_gradient_fn  # noqa: E402
 from deepmoe.moe_dispatch import local_strategy  # noqa: E402
+from deepmoe.moe_dispatch.sort_ragged import grouped_matmul  # noqa: E402
 from pallas_kernels import _common as pk_common  # noqa: E402
 
 SHAPES = {  # (B, T, H, D, window, N, top_k, indexer heads, indexer dim); T not a multiple of the tiles
@@ -91,6 +92,14 @@ def test_train_step_lowers_for_gpu_without_ragged_dot(kernels):
     assert "ragged_dot" not in text
     kernel_names = set(re.findall(r'custom_call @__gpu\$xla\.gpu\.triton\(.*name = "(\w+)"', text))
     assert {"gmm", "tgmm"} <= kernel_names if kernels == "auto" else not kernel_names
+
+
+def test_ragged_dot_on_gpu_warns():
+    """An explicit `sorted` without the Pallas kernels, traced for a GPU: a warning names the cost and the fix."""
+    cfg = dm.preset("tiny", kernels="reference")
+    lhs, rhs = jnp.ones((6, 64)), jnp.ones((cfg.num_experts, 64, 32))
+    with pk.target_platform("gpu"), pytest.warns(UserWarning, match=r"8x the FLOPs.*kernels='auto'"):
+        grouped_matmul(cfg, lhs, rhs, jnp.full((cfg.num_experts,), 0, jnp.int32).at[0].set(6))
 
 
 @pytest.mark.parametrize("platform,kernels,expected", [

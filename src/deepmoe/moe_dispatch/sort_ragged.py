@@ -8,11 +8,13 @@ contracted against all E matrices: E times the FLOPs, and for the weight gradien
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import pallas_kernels as pk
 
-from deepmoe.layers.kernels import use_pallas_kernels
+from deepmoe.layers.kernels import traced_platform, use_pallas_kernels
 from deepmoe.layers.moe import swiglu
 from deepmoe.layers.precision import compute_dtype
 
@@ -22,6 +24,10 @@ def grouped_matmul(cfg, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) 
     sum(group_sizes) give zeros."""
     dtype = compute_dtype(cfg)
     impl = "pallas" if use_pallas_kernels(cfg) else "reference"
+    if impl == "reference" and traced_platform() in pk.AUTO_PALLAS_PLATFORMS:
+        warnings.warn(f"the MoE's grouped matmul runs as lax.ragged_dot on GPU, which XLA expands into a product over "
+                      f"all {rhs.shape[0]} experts' matrices ({rhs.shape[0]}x the FLOPs): set kernels='auto' (the "
+                      "Pallas grouped matmul), or on one device moe_strategy='blocked'", stacklevel=2)
     return pk.gmm(lhs.astype(dtype), rhs.astype(dtype), group_sizes, impl=impl)
 
 
