@@ -18,9 +18,9 @@ import pytest  # noqa: E402
 import deepmoe as dm  # noqa: E402
 import pallas_kernels as pk  # noqa: E402
 from deepmoe import train  # noqa: E402
-from deepmoe.train.step import build_gradient_fn  # noqa: E402
 from deepmoe.moe_dispatch import local_strategy  # noqa: E402
 from deepmoe.moe_dispatch.sort_ragged import grouped_matmul  # noqa: E402
+from deepmoe.train.step import build_gradient_fn  # noqa: E402
 from pallas_kernels import _common as pk_common  # noqa: E402
 
 SHAPES = {  # (B, T, H, D, window, N, top_k, indexer heads, indexer dim); T not a multiple of the tiles
