@@ -90,6 +90,7 @@ def run_variant(cfg, kernels: str, args, bench=None, trace_dir: str | None = Non
     profiled run that fails otherwise is run again unprofiled (the error kept as `profile_error`); any other
     failure is recorded as {"error": ...}, so the other variant still runs."""
     from deepmoe.bench import run_bench
+    from deepmoe.moe_dispatch import local_strategy
 
     bench = bench or run_bench
     batch, failed_profile = args.batch, None
@@ -111,8 +112,10 @@ def run_variant(cfg, kernels: str, args, bench=None, trace_dir: str | None = Non
             return {"batch": batch, "error": _error(err)}
         keep = ("peak_flops", "model_flops_per_token", "forward", "train", "generate", "device_memory",
                 "peak_rss_bytes", "backend", "devices")
-        return {"batch": batch, "plan": planned(cfg, args, batch), **{k: r[k] for k in keep if k in r},
-                **({"profile_error": failed_profile} if failed_profile else {})}
+        # what the routed experts ran as (deepmoe.moe_dispatch.local_strategy): sorted = the Pallas grouped matmul
+        moe = local_strategy(cfg.replace(kernels=kernels))
+        return {"batch": batch, "moe_strategy": moe, "plan": planned(cfg, args, batch),
+                **{k: r[k] for k in keep if k in r}, **({"profile_error": failed_profile} if failed_profile else {})}
 
 
 def _paired(part: dict) -> str:
@@ -124,9 +127,9 @@ def describe(r: dict, dtype: str) -> str:
     if "error" in r:
         return f"failed at batch {r['batch']}: {r['error'].splitlines()[0][:200]}"
     t, f = r["train"], r["forward"]
-    text = (f"batch {r['batch']}: train {t['tokens_per_s']:,.0f} tok/s, MFU {100 * t['mfu']:.1f} %{_paired(t)} "
-            f"(target {100 * TARGET:.0f} %); forward {f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['mfu']:.1f} %"
-            f"{_paired(f)}; "
+    text = (f"batch {r['batch']}, MoE {r.get('moe_strategy', '?')}: train {t['tokens_per_s']:,.0f} tok/s, MFU "
+            f"{100 * t['mfu']:.1f} %{_paired(t)} (target {100 * TARGET:.0f} %); "
+            f"forward {f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['mfu']:.1f} %{_paired(f)}; "
             f"peak {r['peak_flops'][dtype] / 1e12:.1f} TFLOP/s {dtype}")
     profiles = [(title, r[part]["profile"]) for part, title in PROFILED if "profile" in r.get(part, {})]
     return "\n".join([text] + [textwrap.indent(format_profile(f"profile, {title}", p), "  ") for title, p in profiles])

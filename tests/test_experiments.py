@@ -291,7 +291,7 @@ def test_train_mfu_is_the_bench_formula_and_records_the_plan(quick_run):
     for part, per_token in (("train", flops["model"]), ("forward", flops["forward"])):
         assert r[part]["tokens_per_s"] == pytest.approx(2 * 64 / r[part]["seconds"])
         assert r[part]["mfu"] == pytest.approx(per_token * r[part]["tokens_per_s"] / peak)
-    assert r["batch"] == 2
+    assert r["batch"] == 2 and r["moe_strategy"] == "blocked"  # CPU: no ragged_dot (E x the work here too)
     params = dm.init_params(cfg, jax.random.key(0))
     assert r["plan"]["memory"]["params"] == sum(x.nbytes for x in jax.tree.leaves(params))
     # --profile (on in --quick): both programs traced, their matmuls at least the model's FLOPs
