@@ -112,7 +112,7 @@ def run_variant(cfg, kernels: str, args, bench=None, trace_dir: str | None = Non
             return {"batch": batch, "error": _error(err)}
         keep = ("peak_flops", "model_flops_per_token", "forward", "train", "generate", "device_memory",
                 "peak_rss_bytes", "backend", "devices")
-        # what the routed experts ran as (deepmoe.moe_dispatch.local_strategy): sorted = the Pallas grouped matmul
+        # what the routed experts ran as (deepmoe.moe_dispatch.local_strategy); on GPU sorted = the Pallas gmm kernel
         moe = local_strategy(cfg.replace(kernels=kernels))
         return {"batch": batch, "moe_strategy": moe, "plan": planned(cfg, args, batch),
                 **{k: r[k] for k in keep if k in r}, **({"profile_error": failed_profile} if failed_profile else {})}
