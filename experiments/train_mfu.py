@@ -93,10 +93,11 @@ def run_variant(cfg, kernels: str, args, bench=None, trace_dir: str | None = Non
     from deepmoe.moe_dispatch import local_strategy
 
     bench = bench or run_bench
+    cfg = cfg.replace(kernels=kernels)
     batch, failed_profile = args.batch, None
     while True:
         try:
-            r = bench(cfg.replace(kernels=kernels), batch=batch, seq=args.seq, repeats=args.repeats,
+            r = bench(cfg, batch=batch, seq=args.seq, repeats=args.repeats,
                       new_tokens=16, compare=False, skip=set() if args.decode else {"decode"},
                       log=lambda msg: print(f"  [{kernels}] {msg}", flush=True), trace_dir=trace_dir)
         except Exception as err:  # noqa: BLE001 - recorded in results.json, the run goes on
@@ -113,8 +114,7 @@ def run_variant(cfg, kernels: str, args, bench=None, trace_dir: str | None = Non
         keep = ("peak_flops", "model_flops_per_token", "forward", "train", "generate", "device_memory",
                 "peak_rss_bytes", "backend", "devices")
         # what the routed experts ran as (deepmoe.moe_dispatch.local_strategy); on GPU sorted = the Pallas gmm kernel
-        moe = local_strategy(cfg.replace(kernels=kernels))
-        return {"batch": batch, "moe_strategy": moe, "plan": planned(cfg, args, batch),
+        return {"batch": batch, "moe_strategy": local_strategy(cfg), "plan": planned(cfg, args, batch),
                 **{k: r[k] for k in keep if k in r}, **({"profile_error": failed_profile} if failed_profile else {})}
 
 

@@ -94,8 +94,8 @@ def _matmul_flops(opcode: str, rest: str, operands: list[str], dims: dict[str, l
     kernel = re.search(r'\bname = "(\w+)"', rest) if target and "triton" in target.group(1) else None
     if kernel and kernel.group(1) in _GROUPED_MATMULS:
         index = _GROUPED_MATMULS[kernel.group(1)]
-        lhs = dims.get(operands[index], []) if len(operands) > index else []
-        return 2 * lhs[0] * lhs[1] * _dims(rest)[-1] if len(lhs) == 2 and _dims(rest) else 0
+        lhs, out = (dims.get(operands[index], []) if len(operands) > index else []), _dims(rest)
+        return 2 * lhs[0] * lhs[1] * out[-1] if len(lhs) == 2 and out else 0
     if opcode == "dot":
         contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
     elif target and any(t in target.group(1).lower() for t in _GEMM_TARGETS):

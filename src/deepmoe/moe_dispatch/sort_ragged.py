@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import pallas_kernels as pk
 
-from deepmoe.layers.kernels import traced_platform, use_pallas_kernels
+from deepmoe.layers.kernels import native_pallas, use_pallas_kernels
 from deepmoe.layers.moe import swiglu
 from deepmoe.layers.precision import compute_dtype
 
@@ -24,7 +24,7 @@ def grouped_matmul(cfg, lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) 
     sum(group_sizes) give zeros."""
     dtype = compute_dtype(cfg)
     impl = "pallas" if use_pallas_kernels(cfg) else "reference"
-    if impl == "reference" and traced_platform() in pk.AUTO_PALLAS_PLATFORMS:
+    if impl == "reference" and native_pallas():
         warnings.warn(f"the MoE's grouped matmul runs as lax.ragged_dot on GPU, which XLA expands into a product over "
                       f"all {rhs.shape[0]} experts' matrices ({rhs.shape[0]}x the FLOPs): set kernels='auto' (the "
                       "Pallas grouped matmul), or on one device moe_strategy='blocked'", stacklevel=2)
