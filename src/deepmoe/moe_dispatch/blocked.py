@@ -115,14 +115,22 @@ def _place(values: jax.Array, index: jax.Array, shape: tuple[int, int], unique: 
     return buffer.at[index].set(values, mode="drop", unique_indices=unique).reshape(*shape, *values.shape[1:])
 
 
+def _matmul(spec: str, a: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, w, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _pre_activations(x, w_gate, w_up):
+    """(gate, up) of rows x [..., C, d]: the products the backward needs again."""
+    return _matmul("...cd,...df->...cf", x, w_gate), _matmul("...cd,...df->...cf", x, w_up)
+
+
 def _ffn_block(limit, x, row_weight, w_gate, w_up, w_down):
     """Rows x [..., C, d] through the clamped-SwiGLU expert (one block with its expert's matrices, or the lanes
     [E, C, d] with the [E, ...] stacks), scaled per row by row_weight [..., C]: (gate, up) pre-activations and
     the weighted output."""
-    matmul = lambda spec, a, w: jnp.einsum(spec, a, w, preferred_element_type=jnp.float32).astype(a.dtype)
-    gate, up = matmul("...cd,...df->...cf", x, w_gate), matmul("...cd,...df->...cf", x, w_up)
+    gate, up = _pre_activations(x, w_gate, w_up)
     hidden = (clamped_swiglu(limit, gate, up) * row_weight[..., None]).astype(x.dtype)
-    return gate, up, matmul("...cf,...fd->...cd", hidden, w_down)
+    return gate, up, _matmul("...cf,...fd->...cd", hidden, w_down)
 
 
 def _ffn_block_grads(limit, x, row_weight, gate, up, dy, w_gate, w_up, w_down):
@@ -141,19 +149,19 @@ def _ffn_block_grads(limit, x, row_weight, gate, up, dy, w_gate, w_up, w_down):
 
 
 def _expert_ffn_fwd(limit, x, row_weights, w_gate, w_up, w_down, block_expert, used):
-    nb, block, _ = x.shape
-    hidden_dim = w_gate.shape[-1]
+    """The loop's forward; its residuals are its inputs. The backward recomputes each used block's (gate, up):
+    saved, they would be two [static block count, block, hidden] buffers, sized for every copy overflowing
+    (`num_blocks`) while balanced routing uses a few. Recomputing costs two matmuls per used block; the train
+    step of `medium` at 1 x 4096 tokens in bf16 needs 1.6 GB (3 %) less memory, that of `small` on CPU no more
+    time (docs/performance.md, twenty-first session)."""
 
-    def body(i, carry):
-        gates, ups, out = carry
+    def body(i, out):
         e = block_expert[i]
-        gate, up, y = _ffn_block(limit, x[i], row_weights[i], w_gate[e], w_up[e], w_down[e])
-        put = lambda buf, v: lax.dynamic_update_index_in_dim(buf, v, i, 0)
-        return put(gates, gate), put(ups, up), put(out, y)
+        y = _ffn_block(limit, x[i], row_weights[i], w_gate[e], w_up[e], w_down[e])[2]
+        return lax.dynamic_update_index_in_dim(out, y, i, 0)
 
-    zeros = lambda width: jnp.zeros((nb, block, width), x.dtype)
-    gates, ups, out = lax.fori_loop(0, used, body, (zeros(hidden_dim), zeros(hidden_dim), zeros(x.shape[-1])))
-    return out, (x, row_weights, w_gate, w_up, w_down, block_expert, used, gates, ups)
+    out = lax.fori_loop(0, used, body, jnp.zeros_like(x))
+    return out, (x, row_weights, w_gate, w_up, w_down, block_expert, used)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -165,20 +173,21 @@ def expert_ffn(limit: float, x: jax.Array, row_weights: jax.Array, w_gate: jax.A
     One loop over the used blocks (its trip count is dynamic: the static block count must cover the worst
     case), indexing each block's expert in the stacked weights; gathering w[block_expert] up front would copy an
     expert matrix per block. Own VJP: a dynamic-trip-count loop has no reverse-mode rule, one backward loop
-    serves all six matmuls, and each block's dW is added into its expert's slice in fp32 (differentiating the
-    indexing would scatter a whole [E, in, out] cotangent per block)."""
+    serves the six gradient matmuls (and the two it recomputes), and each block's dW is added into its expert's
+    slice in fp32 (differentiating the indexing would scatter a whole [E, in, out] cotangent per block)."""
     return _expert_ffn_fwd(limit, x, row_weights, w_gate, w_up, w_down, block_expert, used)[0]
 
 
 def _loop_grads(limit, residuals, dout, dw_init):
     """The block loop's backward: (dx, d row_weights in fp32, (dW_gate, dW_up, dW_down) added onto dw_init)."""
-    x, row_weights, w_gate, w_up, w_down, block_expert, used, gates, ups = residuals
+    x, row_weights, w_gate, w_up, w_down, block_expert, used = residuals
 
     def body(i, carry):
         dx, drow, dws = carry
         e = block_expert[i]
-        dxi, drowi, *dwi = _ffn_block_grads(limit, x[i], row_weights[i], gates[i], ups[i], dout[i], w_gate[e],
-                                            w_up[e], w_down[e])
+        gate, up = _pre_activations(x[i], w_gate[e], w_up[e])
+        dxi, drowi, *dwi = _ffn_block_grads(limit, x[i], row_weights[i], gate, up, dout[i], w_gate[e], w_up[e],
+                                            w_down[e])
         add_to_expert = lambda dw, g: lax.dynamic_update_index_in_dim(dw, dw[e] + g, e, 0)
         return (lax.dynamic_update_index_in_dim(dx, dxi, i, 0), lax.dynamic_update_index_in_dim(drow, drowi, i, 0),
                 tuple(map(add_to_expert, dws, dwi)))
