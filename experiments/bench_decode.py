@@ -126,13 +126,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def decode(who, generates=None):
         return bench.decode_step_seconds(times[f"{who} prefill"], times[generates or f"{who} generate"],
-                                         args.new_tokens)
+                                         args.new_tokens, who)
 
     prompt_tokens, per_step = prompt.size, args.batch
-    parts = {"prefill": (bench.timing(times["deepmoe prefill"], prompt_tokens),
-                         bench.versus(times["deepmoe prefill"], times["transformers prefill"], prompt_tokens)),
-             "decode": (bench.timing(decode("deepmoe"), per_step),
-                        bench.versus(decode("deepmoe"), decode("transformers"), per_step))}
+    try:
+        parts = {"prefill": (bench.timing(times["deepmoe prefill"], prompt_tokens),
+                             bench.versus(times["deepmoe prefill"], times["transformers prefill"], prompt_tokens)),
+                 "decode": (bench.timing(decode("deepmoe"), per_step),
+                            bench.versus(decode("deepmoe"), decode("transformers"), per_step))}
+        spec_steps = decode("deepmoe", "deepmoe speculative generate") if speculative else None
+    except bench.UnresolvedDecode as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     tokens = np.asarray(last[(args.new_tokens, False)].tokens)
     their_tokens = last[("transformers", args.new_tokens)][:, args.prompt_len:].numpy()
     differs = np.concatenate([(tokens != their_tokens).any(0), [True]])
@@ -142,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prefill, step = parts["prefill"][side], parts["decode"][side]
         print(f"{name:<22}{prefill['tokens_per_s']:>16.1f}{step['tokens_per_s']:>16.1f}")
     if speculative:
-        spec = bench.timing(decode("deepmoe", "deepmoe speculative generate"), per_step)
+        spec = bench.timing(spec_steps, per_step)
         spec_tokens = np.asarray(last[(args.new_tokens, True)].tokens)
         report["speculative"] = {"decode": spec, "acceptance_rate": last[(args.new_tokens, True)].stats[
             "acceptance_rate"], "tokens_match_greedy": bool(np.array_equal(spec_tokens, tokens))}

@@ -307,7 +307,7 @@ def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir
     times = interleaved_times(runs, repeats)
 
     def decode(who):
-        return decode_step_seconds(times[f"{who} prefill"], times[f"{who} generate"], new_tokens)
+        return decode_step_seconds(times[f"{who} prefill"], times[f"{who} generate"], new_tokens, who)
 
     result = {"prefill": timing(times["deepmoe prefill"], prompt.size),
               "decode": {**timing(decode("deepmoe"), prompt.shape[0]),
@@ -325,12 +325,24 @@ def bench_generate(cfg, params, prompt, new_tokens: int, repeats: int, trace_dir
     return result
 
 
-def decode_step_seconds(prefills: list[float], generates: list[float], new_tokens: int) -> list[float]:
-    """Per round: a decode step's seconds, (a generate of `new_tokens` - the median prefill) / (new_tokens - 1),
-    at least 1e-9. Less the median prefill, not the round's own: one spike in a short prefill run (seen: 706 ms
-    among ~80) would otherwise void the round's decode."""
+class UnresolvedDecode(ValueError):
+    """A generate of `new_tokens` took no longer than the prefill: the decode steps are below the timing noise."""
+
+
+def decode_step_seconds(prefills: list[float], generates: list[float], new_tokens: int,
+                        who: str = "deepmoe") -> list[float]:
+    """Per round: a decode step's seconds, (a generate of `new_tokens` - the median prefill) / (new_tokens - 1).
+    Less the median prefill, not the round's own: one spike in a short prefill run (seen: 706 ms among ~80) would
+    otherwise void the round's decode. UnresolvedDecode when a round's generate took no longer than that median
+    (seen on `tiny` with 4 new tokens on a busy 2-core VM): any number would be noise, down to 1e9 tokens/s."""
     prefill = statistics.median(prefills)
-    return [max((full - prefill) / (new_tokens - 1), 1e-9) for full in generates]
+    short = {i: full for i, full in enumerate(generates) if full <= prefill}
+    if short:
+        rounds = ", ".join(f"round {i}: {1e3 * full:.2f} ms" for i, full in short.items())
+        raise UnresolvedDecode(f"{who}: a generate of {new_tokens} tokens took no longer than the median prefill "
+                               f"({1e3 * prefill:.2f} ms; {rounds}), so its decode steps are below this machine's "
+                               "timing noise: time more of them with --new-tokens")
+    return [(full - prefill) / (new_tokens - 1) for full in generates]
 
 
 def profile_decode_step(cfg, params, prompt, max_len: int, trace_dir: str) -> dict[str, Any]:
@@ -451,9 +463,12 @@ def run_bench(cfg, *, batch: int, seq: int, repeats: int, new_tokens: int, compa
                                       rival=rivals.get("train"), peak=peak_run)
     if "decode" not in skip:
         log("prefill + decode ...")
-        result["generate"] = bench_generate(cfg.replace(num_mtp_layers=0), params, ids[:, : min(64, seq)],
-                                            new_tokens, repeats, trace_dir and os.path.join(trace_dir, "decode"),
-                                            rival=rivals.get("generate"))
+        try:
+            result["generate"] = bench_generate(cfg.replace(num_mtp_layers=0), params, ids[:, : min(64, seq)],
+                                                new_tokens, repeats, trace_dir and os.path.join(trace_dir, "decode"),
+                                                rival=rivals.get("generate"))
+        except UnresolvedDecode as e:  # the other parts stand; the JSON and the summary say why this one is absent
+            result["generate_error"] = str(e)
     if compare:  # the summary the README quotes: transformers' tokens/s and our paired speedups
         compared = versus_transformers(result)
         result["transformers"] = {f"{part}_tokens_per_s": v["tokens_per_s"] for part, (_, v) in compared.items()}
@@ -535,6 +550,8 @@ def format_result(r: dict[str, Any]) -> str:
             lines.append(f"decode step reads {b['weights'] / 1e6:.1f} MB of weights + {b['cache'] / 1e6:.1f} MB of "
                          f"cache: MBU {100 * g['mbu']:.1f}% of {bw / 1e9:.1f} GB/s measured"
                          + (f" (transformers {100 * hf_mbu:.1f}%)" if hf_mbu is not None else ""))
+    if "generate_error" in r:
+        lines.append(f"prefill + decode: not reported: {r['generate_error']}")
     for part, (_, theirs) in versus_transformers(r).items():
         each = theirs["speedup_each"]
         lines.append(f"vs transformers, {part}: {theirs['speedup']:.2f}x (median of {len(each)} paired rounds: "
