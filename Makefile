@@ -23,10 +23,11 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m deepmoe.demo $(ARGS)
 
 # Tests run in TEST_WORKERS processes (pytest-xdist), a test file per worker at a time so module fixtures
-# (compiled programs, trained runs) are built once; compilation is single-threaded, so 2 workers on 2 cores
-# nearly halve the wall time. TEST_WORKERS=0 runs everything in this process. A worker that crashes (XLA aborts
-# the process, e.g. when collectives deadlock) fails the run at once: by default xdist re-runs the crashed file
-# on up to 8 fresh workers, which once kept CI busy past its time limit.
+# (compiled programs, trained runs) are built once, the heaviest files first (tests/conftest.py HEAVY_FILES);
+# compilation is single-threaded, so 2 workers on 2 cores nearly halve the wall time. TEST_WORKERS=0 runs
+# everything in this process. A worker that crashes (XLA aborts the process, e.g. when collectives deadlock) fails
+# the run at once: by default xdist re-runs the crashed file on up to 8 fresh workers, which once kept CI busy
+# past its time limit.
 TEST_WORKERS ?= 2
 
 test: $(VENV)/.installed-dev
