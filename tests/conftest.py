@@ -5,11 +5,9 @@ import logging
 import os
 import re
 
-# Must happen before jax is imported anywhere. The scheduler flag is deepmoe's CPU_MESH_OPTIONS
-# (backend/xla_options.py) for the tests' own jax.jit programs over the simulated mesh: without it XLA:CPU can
-# deadlock on collectives.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                                   "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+# Must happen before jax is imported anywhere. keep_host_buffers() below adds XLA:CPU's memory-ordered schedule
+# to these flags, as the deepmoe commands do: without it the simulated mesh's collectives can deadlock.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from deepmoe.backend.xla_options import SCHEDULE_FLAG
+
 WORKER = textwrap.dedent("""
     import os, sys
     import numpy as np
@@ -72,7 +74,8 @@ def _free_port() -> int:
 def test_two_processes_run_the_sharded_forward(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count=4 {SCHEDULE_FLAG}",
+           "JAX_PLATFORMS": "cpu",
            "JAX_COMPILATION_CACHE_DIR": str(Path(__file__).resolve().parent.parent / ".jax_cache")}
     address = f"localhost:{_free_port()}"
     procs = [subprocess.Popen([sys.executable, str(script), address, str(i)], env=env, stdout=subprocess.PIPE,

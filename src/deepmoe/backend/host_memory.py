@@ -13,7 +13,12 @@ kernel time per `small` train step on 2 cores (step 1.76 s -> 1.36 s without the
 
 Both are process-wide, so the `deepmoe` commands, `make demo` and the experiment scripts call
 `keep_host_buffers()` first thing; library users opt in the same way (before JAX starts a backend).
-DEEPMOE_KEEP_HOST_BUFFERS=0 turns it off.
+DEEPMOE_KEEP_HOST_BUFFERS=0 turns them off.
+
+`keep_host_buffers()` also applies XLA:CPU's memory-ordered schedule, which keeps fewer temporaries live at once
+and no longer lets collectives deadlock (`xla_options.use_memory_ordered_schedule`: a flag in XLA_FLAGS, read
+when the backend starts). It applies whatever DEEPMOE_KEEP_HOST_BUFFERS says; an explicit
+`--xla_cpu_enable_concurrency_optimized_scheduler=true` in XLA_FLAGS keeps XLA's default.
 """
 
 from __future__ import annotations
@@ -42,7 +47,11 @@ def backend_started() -> bool:
 
 
 def keep_host_buffers() -> str:
-    """Apply the settings above where they can work; returns what happened (for logs and bench JSON)."""
+    """Apply the settings above where they can work; returns what happened to the host buffers (for logs and
+    bench JSON; the schedule shows in XLA_FLAGS, which the bench records)."""
+    from deepmoe.backend.xla_options import use_memory_ordered_schedule
+
+    use_memory_ordered_schedule()
     if os.environ.get("DEEPMOE_KEEP_HOST_BUFFERS", "1") == "0":
         return "off (DEEPMOE_KEEP_HOST_BUFFERS=0)"
     if not glibc_linux():

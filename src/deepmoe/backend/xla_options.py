@@ -5,11 +5,14 @@ XLA:CPU hands reductions to YNNPACK by default. For the reductions this model is
 4 streams in a middle axis, Sinkhorn's 4x4 row / column sums, their transposes in the backward pass) YNNPACK
 runs 10-30x slower than XLA's own fused loops: keeping YNNPACK for dots only made the `mini` train step ~1.5x
 faster (measured with `deepmoe bench`, see docs/performance.md). The option is experimental in XLA, so it is
-probed once and silently dropped where this jaxlib does not know it; other platforms get no options. With more
-than one CPU device (a simulated mesh, or CPU processes in a multi-process run) one more option keeps collectives
-from deadlocking (CPU_MESH_OPTIONS). Set DEEPMOE_XLA_OPTIONS=0 to compile with XLA's defaults. The train step's
-optimizer half keeps XLA's defaults on purpose: its big flat reductions (the global gradient norm) are the ones
-YNNPACK does fast (train/step.py); it runs replicated, without collectives.
+probed once and silently dropped where this jaxlib does not know it; other platforms get no options. Set
+DEEPMOE_XLA_OPTIONS=0 to compile with XLA's defaults. The train step's optimizer half keeps XLA's defaults on
+purpose: its big flat reductions (the global gradient norm) are the ones YNNPACK does fast (train/step.py).
+
+One more XLA:CPU setting, the memory-ordered schedule (`use_memory_ordered_schedule`), cannot be a compile option:
+this jaxlib accepts `xla_cpu_enable_concurrency_optimized_scheduler` as one and compiles the very same program
+(checked on one device and on a simulated 8-device mesh). XLA reads it from XLA_FLAGS when the first backend
+starts, so `keep_host_buffers()` (backend/host_memory.py), which every deepmoe entry point calls first, sets it.
 """
 
 from __future__ import annotations
@@ -25,12 +28,30 @@ log = logging.getLogger(__name__)
 
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
-# XLA:CPU's default, concurrency-optimised schedule lets one device have several independent collectives in
-# flight. Each blocks a thread of the shared pool until its partners arrive; once every pool thread blocks, the
-# partners' collectives never start, and XLA aborts the process after its 40 s rendezvous timeout. Seen on the
-# fsdp2 x expert2 x tensor2 gradient program of tests/test_sharding.py: 10 of 29 runs aborted with the
-# program as it was at 1e12070 (a hand-written VJP in mHC, since reverted), none of 20 with this option.
-CPU_MESH_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+# XLA:CPU's default schedule is concurrency-optimised: it starts every op as soon as its inputs exist. Two costs:
+# - Memory. A gradient program's recomputed (remat) layers all start early and stay live together: `small`'s
+#   gradient at T=2048 with remat="full" held 2,399 MiB of temporaries, 459 MiB under the memory-ordered
+#   schedule (311 MiB less without remat). docs/performance.md, twenty-second session.
+# - Deadlocks on meshes. One device can have several independent collectives in flight; each blocks a thread of
+#   the shared pool until its partners arrive, and once every pool thread blocks, the partners' collectives never
+#   start (XLA aborts after its 40 s rendezvous timeout). Seen on tests/test_sharding.py's fsdp2 x expert2 x
+#   tensor2 gradient program: 10 of 29 runs aborted with a hand-written mHC VJP since reverted.
+SCHEDULE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def use_memory_ordered_schedule() -> str:
+    """Put SCHEDULE_FLAG in XLA_FLAGS for this process (and the processes it starts); returns what happened. Only
+    before JAX starts a backend; a setting of the flag already in XLA_FLAGS is the user's and stays. Harmless off
+    CPU (XLA parses every backend's flags and only XLA:CPU reads this one)."""
+    from deepmoe.backend.host_memory import backend_started
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
+        return "as set in XLA_FLAGS"
+    if backend_started():
+        return "not applied (a JAX backend was already started)"
+    os.environ["XLA_FLAGS"] = f"{flags} {SCHEDULE_FLAG}".strip()
+    return "on"
 
 
 @functools.cache
@@ -38,7 +59,11 @@ def compiler_options() -> dict[str, str] | None:
     """The options for the default backend, or None (XLA's defaults)."""
     if os.environ.get("DEEPMOE_XLA_OPTIONS", "1") == "0" or jax.default_backend() != "cpu":
         return None
-    options = {**CPU_OPTIONS, **(CPU_MESH_OPTIONS if jax.device_count() > 1 else {})}
+    if jax.device_count() > 1 and SCHEDULE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+        log.warning("XLA:CPU over %d devices without %s in XLA_FLAGS: collectives can deadlock (XLA aborts after "
+                    "40 s). Call deepmoe.backend.host_memory.keep_host_buffers() before JAX starts, or set the flag.",
+                    jax.device_count(), SCHEDULE_FLAG)
+    options = dict(CPU_OPTIONS)
     try:  # an unknown option or value fails at compile time: find out on something trivial
         jax.jit(lambda x: x + 1, compiler_options=options).lower(1.0).compile()
     except Exception as err:  # noqa: BLE001 - any failure means: this jaxlib cannot take the option
