@@ -131,6 +131,10 @@ def describe(r: dict, dtype: str) -> str:
             f"{100 * t['mfu']:.1f} %{_paired(t)} (target {100 * TARGET:.0f} %); "
             f"forward {f['tokens_per_s']:,.0f} tok/s, MFU {100 * f['mfu']:.1f} %{_paired(f)}; "
             f"peak {r['peak_flops'][dtype] / 1e12:.1f} TFLOP/s {dtype}")
+    temp, planned = t.get("memory", {}).get("temp_size_in_bytes"), r.get("plan", {}).get("memory", {})
+    if temp is not None and "activations" in planned:  # XLA's temporaries against the plan's activations
+        text += (f"; gradient program temp {temp / 2**30:.2f} GiB "
+                 f"(plan: activations {planned['activations'] / 2**30:.2f})")
     profiles = [(title, r[part]["profile"]) for part, title in PROFILED if "profile" in r.get(part, {})]
     return "\n".join([text] + [textwrap.indent(format_profile(f"profile, {title}", p), "  ") for title, p in profiles])
 

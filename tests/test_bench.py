@@ -78,6 +78,11 @@ def test_bench_json_and_mfu_formula(tiny_bench):
     # the forward runs over the layout the train step picks for this model
     assert r["forward"]["layout"] == ("segments" if layers_scanned(preset("tiny"), TrainConfig()) else "layers")
     assert r["host_buffers"] == "on" or "already started" in r["host_buffers"]  # conftest applied it first
+    # the gradient program's memory analysis: its outputs hold a float32 gradient of every float parameter
+    params = init_params(preset("tiny"), jax.random.key(0))
+    float_elements = sum(x.size for x in jax.tree.leaves(params) if np.issubdtype(x.dtype, np.floating))
+    assert r["train"]["memory"]["output_size_in_bytes"] >= 4 * float_elements
+    assert r["train"]["memory"]["temp_size_in_bytes"] > 0
     assert "train step:" in printed and f"wrote {out_dir / 'tiny.json'}" in printed
     # --profile: both programs of the step traced, the model's components found in each
     fwd, step = r["forward"]["profile"], r["train"]["profile"]

@@ -294,6 +294,8 @@ def test_train_mfu_is_the_bench_formula_and_records_the_plan(quick_run):
     assert r["batch"] == 2 and r["moe_strategy"] == "blocked"  # CPU: no ragged_dot (E x the work here too)
     params = dm.init_params(cfg, jax.random.key(0))
     assert r["plan"]["memory"]["params"] == sum(x.nbytes for x in jax.tree.leaves(params))
+    # the gradient program's temporaries kept beside the plan's activations (printed side by side)
+    assert r["train"]["memory"]["temp_size_in_bytes"] > 0 and r["plan"]["memory"]["activations"] > 0
     # --profile (on in --quick): both programs traced, their matmuls at least the model's FLOPs
     for part, per_token in (("train", flops["model"]), ("forward", flops["forward"])):
         matmul = r[part]["profile"]["matmul"]
@@ -346,10 +348,11 @@ def test_train_mfu_refuses_the_accelerator_benchmark_on_cpu(tmp_path, capsys):
 # ----- ab_xla_options ---------------------------------------------------------------------------------------
 
 def test_ab_xla_options_pairs_rounds_and_compares_outputs(quick_run):
-    """--quick runs A = B (deepmoe's own options on both): the two compiled programs give identical gradients,
-    and B's speedup is the median over rounds of A's recorded time / B's."""
+    """--quick runs A = B (deepmoe's own options on both): the two compiled programs are the same and give
+    identical gradients, and B's speedup is the median over rounds of A's recorded time / B's."""
     out, r = quick_run("ab_xla_options")
     assert r["options"] == {"A": {}, "B": {}} and r["max_abs_output_difference"] == 0.0
+    assert r["same_program"] is True
     a, b = np.array(r["seconds_each"]["A"]), np.array(r["seconds_each"]["B"])
     assert len(a) == len(b) == 3
     np.testing.assert_allclose(r["speedup_of_b_each"], a / b, rtol=1e-12)

@@ -253,6 +253,7 @@ def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None,
     import jax
 
     from deepmoe import train
+    from deepmoe.train.step import TrainStep
 
     # No MTP loss: transformers trains without it, and the FLOP count leaves the MTP block out too.
     tcfg = train.TrainConfig(optimizer="adamw", batch_size=ids.shape[0], seq_len=ids.shape[1], mtp_weight=0.0,
@@ -261,6 +262,9 @@ def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None,
     step = train.make_train_step(cfg, tcfg, donate=True)  # as the training loop runs it
     batch = {"input_ids": ids}
     start = time.perf_counter()
+    # the gradient half compiled ahead, for its memory analysis (where a step's activations live); same program
+    gradients = step.gradients.lower(state.params, state.step, batch).compile()
+    step = TrainStep(gradients, step.update)
     state, _ = step(state, batch)
     jax.block_until_ready(state)
     compile_s = time.perf_counter() - start
@@ -271,10 +275,11 @@ def bench_train(cfg, ids, repeats: int, trace_dir: str | None = None,
         return jax.block_until_ready(metrics)
 
     times = interleaved_times({"deepmoe": run, **_others(rival, peak)}, repeats)
-    result = _paired({"compile_plus_first_step_s": compile_s, **timing(times["deepmoe"], ids.size)}, times, ids.size)
-    if trace_dir:  # the step's two programs (deepmoe.train.step.TrainStep), compiled again only for their HLO
+    result = _paired({"compile_plus_first_step_s": compile_s, **timing(times["deepmoe"], ids.size),
+                      "memory": _memory(gradients)}, times, ids.size)
+    if trace_dir:  # the step's two programs (deepmoe.train.step.TrainStep); the update compiled again for its HLO
         grads, stats = step.gradients(state.params, state.step, batch)
-        programs = [(step.gradients.lower(state.params, state.step, batch).compile().as_text(), None),
+        programs = [(gradients.as_text(), None),
                     (step.update.lower(state, grads, stats).compile().as_text(), "optimizer update")]
         del grads, stats
         result["profile"] = summary(profile_runs(run, programs, trace_dir))
@@ -539,7 +544,8 @@ def format_result(r: dict[str, Any]) -> str:
     if "train" in r:
         t = r["train"]
         lines.append(f"train step: {t['tokens_per_s']:.0f} tok/s ({_spread(t)}), MFU {100 * t['mfu']:.1f}% "
-                     f"{_paired_mfu_text(t)}")
+                     f"{_paired_mfu_text(t)}, gradient program's temp memory "
+                     f"{t.get('memory', {}).get('temp_size_in_bytes', 0) / 2**20:.1f} MiB")
     if "generate" in r:
         g = r["generate"]
         lines.append(f"prefill {g['prefill_tokens_per_s']:.0f} tok/s ({_spread(g['prefill'])}), "
