@@ -14,7 +14,9 @@ Per device, for a mesh and the ShardingRules of sharding.py (the layout `shard_p
 * activations (estimate, see `layer_activation_bytes`): tokens per device = sequences per device x seq_len.
   remat="full" keeps only each layer's input streams plus one layer's working set; remat="none" keeps every
   layer's working set. Attention is assumed fused (score matrices not stored). float32 logits and their
-  gradient for the main head and the MTP head, vocab split over `tensor`.
+  gradient for the main head and the MTP head, vocab split over `tensor`. Against XLA:CPU's gradient program
+  (memory-ordered schedule, `small`, fp32): within 2 % at T=512; 1.5x more at T=2048 and 1.8-2.4x at 4096, as
+  XLA's attention (kernels="reference") keeps [T, H, T/ratio] score buffers (docs/performance.md).
 * KV cache (infer): bytes per token from `infer/accounting.py` (spec §9.3: V4-Flash 3.51 KB, V4-Pro 5.03 KB in
   the release FP8 layout) x context + the fixed per-sequence state, per sequence on the device. The single
   KV head is replicated over `tensor`.
@@ -380,9 +382,9 @@ def format_plan(result: dict[str, Any], title: str = "") -> str:
              f"seq_len {opts['seq_len']}, {result['sequences_per_device']:g} sequence(s)/device"]
     rows = [("parameters", m["params"]), ("gradients (fp32)", m["grads"]),
             (f"optimizer ({opts['optimizer']}, fp32)", m["optimizer"]), ("FSDP gather (1 layer)", m["fsdp_gather"]),
-            (f"activations (remat {opts['remat']})", m["activations"]), ("KV cache", m["kv_cache"]),
+            (f"activations (remat {opts['remat']}, fused attn)", m["activations"]), ("KV cache", m["kv_cache"]),
             ("total per device", m["total"])]
-    lines += ["  memory per device"] + [f"    {k:<30}{_fmt_bytes(v):>12}" for k, v in rows]
+    lines += ["  memory per device"] + [f"    {k:<38}{_fmt_bytes(v):>12}" for k, v in rows]
     kv = result["kv"]
     lines.append(f"  KV cache per token: {kv['bytes_per_token_fp8'] / 1e3:.2f} KB release FP8 layout, "
                  f"{kv['bytes_per_token_ours'] / 1e3:.2f} KB ours ({opts['compute_dtype']})")
