@@ -323,12 +323,13 @@ class ForwardSharding:
     def logits(self, x: jax.Array) -> jax.Array:
         return constrain(x, self.mesh, self.rules, ("batch", "seq", "vocab"))
 
-    def gather_layer(self, segment: int, layer_params: list) -> list:
-        """Inside the scan body: one layer's parameters in their compute layout (FSDP axes gathered, tensor
-        and expert sharding kept). The compiler then gathers per layer instead of the whole stack."""
+    def gather_layer(self, segment: int, position: int, layer_params: dict) -> dict:
+        """Inside the scan body: the parameters of the layer at `position` in the segment's pattern in their
+        compute layout (FSDP axes gathered, tensor and expert sharding kept). The compiler then gathers per
+        layer instead of the whole stack."""
         from deepmoe.params import is_spec, param_specs
 
-        specs = param_specs(self.cfg)["segments"][segment]
+        specs = param_specs(self.cfg)["segments"][segment][position]
 
         def leaf(spec, x):
             axes = spec.axes[1:]  # drop the stacked `layers` axis: the scan slices it off
