@@ -74,11 +74,9 @@ def keep_ops_in_trace() -> None:
     trace then has no per-op events to attribute (openxla/xprof#3070). Call it before JAX starts a backend (XLA
     reads XLA_FLAGS once, so once one has started this does nothing); an explicit
     `xla_gpu_enable_command_buffer` in XLA_FLAGS is left as it is. No effect off GPU."""
-    from deepmoe.backend.host_memory import backend_started
+    from deepmoe.backend.xla_options import add_xla_flag
 
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_gpu_enable_command_buffer" not in flags and not backend_started():
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_enable_command_buffer=".strip()
+    add_xla_flag("--xla_gpu_enable_command_buffer=")
 
 
 def _dims(type_text: str) -> list[int]:

@@ -39,19 +39,25 @@ CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"
 SCHEDULE_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
-def use_memory_ordered_schedule() -> str:
-    """Put SCHEDULE_FLAG in XLA_FLAGS for this process (and the processes it starts); returns what happened. Only
-    before JAX starts a backend; a setting of the flag already in XLA_FLAGS is the user's and stays. Harmless off
-    CPU (XLA parses every backend's flags and only XLA:CPU reads this one)."""
+def add_xla_flag(flag: str) -> str:
+    """Append `flag` (`--name=value`) to XLA_FLAGS for this process and the processes it starts; returns what
+    happened. XLA reads XLA_FLAGS once, when the first backend starts, so only before that; a setting of the same
+    name already in XLA_FLAGS is the user's and stays."""
     from deepmoe.backend.host_memory import backend_started
 
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
+    if flag.lstrip("-").partition("=")[0] in flags:
         return "as set in XLA_FLAGS"
     if backend_started():
         return "not applied (a JAX backend was already started)"
-    os.environ["XLA_FLAGS"] = f"{flags} {SCHEDULE_FLAG}".strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
     return "on"
+
+
+def use_memory_ordered_schedule() -> str:
+    """SCHEDULE_FLAG in XLA_FLAGS (`add_xla_flag`). Harmless off CPU: XLA parses every backend's flags and only
+    XLA:CPU reads this one."""
+    return add_xla_flag(SCHEDULE_FLAG)
 
 
 @functools.cache
