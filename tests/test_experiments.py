@@ -439,3 +439,18 @@ def test_bench_kernels_memory_grows_as_the_attention_forms_say(tmp_path, capsys)
     with pytest.raises(SystemExit):
         module.main(["--kernels", "window", "--out", str(tmp_path / "bad")])
     assert "unknown kernel name(s) window; known: routing" in capsys.readouterr().err
+
+
+def test_memory_vs_context_chunked_scores_hold_less(quick_run):
+    """The forward with its score tensors in query chunks holds less than in one piece at T=512, where tiny's
+    compressed scores pass the quick run's 1 MiB budget; the plan column is the planner's."""
+    from deepmoe import plan
+
+    out, result = quick_run("memory_vs_context")
+    _pngs(out, result)
+    temporaries = result["temporaries"]
+    assert temporaries["seq"] == [512]
+    chunked, whole = (temporaries[mode][0]["forward"] for mode in ("chunked", "one piece"))
+    assert chunked < 0.8 * whole, (chunked, whole)
+    opts = plan.PlanOptions(mode="infer", seq_len=512, compute_dtype="float32")
+    assert temporaries["planned"][0]["forward"] == plan.activation_memory(dm.preset("tiny"), {}, opts=opts)["total"]

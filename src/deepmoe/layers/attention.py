@@ -5,11 +5,13 @@ a learned per-head sink in the softmax denominator, output de-rotation and a gro
 
 The window part is computed block-wise (query block i attends to key blocks i-1 and i), so memory is
 O(T * window) rather than O(T^2); compressed entries are scored densely against a visibility mask
-(T * T/ratio), which is what the Pallas kernels of `pallas_kernels` avoid at long context.
+(T * T/ratio scores, past a budget a chunk of query blocks at a time: `query_chunks`), the work the Pallas kernels
+of `pallas_kernels` avoid at long context.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepmoe.config import CSA, SLIDING, ModelConfig
+from deepmoe.layers import query_chunks
 from deepmoe.layers.compressor import CompressedEntries, compress, visible
 from deepmoe.layers.indexer import csa_selection, indexer_keys
 from deepmoe.layers.kernel_attention import kernel_sink_attention
@@ -67,10 +70,12 @@ def sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: j
 
     q [B, T, H, c]; kv [B, T, c] (keys are values); segment_ids [B, T]; sinks [H];
     entries [B, N, c] with entry_mask [B, T, N] (which entries each query may use). -> [B, T, H, c]
+
+    Query blocks of `sliding_window` rows; when their float32 scores over the compressed entries would pass
+    `query_chunks.SCORE_CHUNK_BYTES`, they are attended a chunk of blocks at a time, recomputed in the backward.
     """
     b, t, h, c = q.shape
     w = cfg.sliding_window
-    scale = c ** -0.5
     q_blocks = _blocks(q, w, 0)  # [B, nb, W, H, c]
     k_blocks = _with_previous_block(_blocks(kv, w, 0), 0)  # [B, nb, 2W, c]
     index = jnp.arange(q_blocks.shape[1] * w).reshape(-1, w)
@@ -79,17 +84,32 @@ def sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: j
     seg_q = _blocks(segment_ids, w, -1)[..., :, None]  # [B, nb, W, 1]
     seg_k = _with_previous_block(_blocks(segment_ids, w, -2), -2)[:, :, None, :]  # [B, nb, 1, 2W]
     window_mask = (k_index <= q_index) & (k_index > q_index - w) & (k_index >= 0) & (seg_q == seg_k)
+    blocked = [q_blocks, k_blocks, window_mask]
+    n = 0
+    if entries is not None:
+        blocked.append(_blocks(entry_mask, w, False))  # [B, nb, W, N]
+        n = entries.shape[1]
+    chunk = query_chunks.rows_per_chunk(q_blocks.shape[1], 4 * b * w * h * (2 * w + n))
+    attend = functools.partial(_attend_blocks, cfg, sinks, entries)
+    out = query_chunks.map_row_chunks(attend, chunk, *blocked, recompute=True)
+    return out.reshape(b, -1, h, c)[:, :t]
+
+
+def _attend_blocks(cfg: ModelConfig, sinks: jax.Array, entries: jax.Array | None, q_blocks: jax.Array,
+                   k_blocks: jax.Array, window_mask: jax.Array, entry_mask: jax.Array | None = None) -> jax.Array:
+    """`sink_attention` of query blocks [B, nb, W, H, c] given their keys [B, nb, 2W, c], window_mask
+    [B, nb, W, 2W] and entry_mask [B, nb, W, N] -> [B, nb, W, H, c]."""
+    scale = q_blocks.shape[-1] ** -0.5
     logits = einsum(cfg, "bnqhc,bnkc->bnqhk", q_blocks, k_blocks).astype(jnp.float32) * scale
     parts = [jnp.where(window_mask[:, :, :, None, :], logits, NEG_INF)]
     if entries is not None:
-        entry_logits = einsum(cfg, "bthc,bnc->bthn", q, entries).astype(jnp.float32) * scale
-        entry_logits = jnp.where(entry_mask[:, :, None, :], entry_logits, NEG_INF)
-        parts.append(_blocks(entry_logits, w, NEG_INF))
+        entry_logits = einsum(cfg, "bnqhc,bkc->bnqhk", q_blocks, entries).astype(jnp.float32) * scale
+        parts.append(jnp.where(entry_mask[:, :, :, None, :], entry_logits, NEG_INF))
     probs = sink_softmax_parts(parts, sinks)
     out = einsum(cfg, "bnqhk,bnkc->bnqhc", probs[0], k_blocks)
     if entries is not None:
         out = out + einsum(cfg, "bnqhk,bkc->bnqhc", probs[1], entries)
-    return out.reshape(b, -1, h, c)[:, :t]
+    return out
 
 
 class AttentionState(NamedTuple):

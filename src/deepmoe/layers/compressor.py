@@ -94,8 +94,9 @@ def compress(params: dict, cfg: ModelConfig, x: jax.Array, positions: jax.Array,
     )
 
 
-def visible(entries: CompressedEntries, segment_ids: jax.Array) -> jax.Array:
-    """[B, T, N] causal rule of §6.6: query t sees entry n iff its whole window is <= t, same document."""
-    t = jnp.arange(segment_ids.shape[1])
-    return (entries.end_index[:, None, :] <= t[None, :, None]) & (
+def visible(entries: CompressedEntries, segment_ids: jax.Array, query_rows: jax.Array | None = None) -> jax.Array:
+    """[B, T, N] causal rule of §6.6: query t sees entry n iff its whole window is <= t, same document.
+    query_rows [B, T]: the queries' rows in the sequence, when they are not 0 .. T-1 (a chunk of queries)."""
+    t = jnp.arange(segment_ids.shape[1])[None] if query_rows is None else query_rows
+    return (entries.end_index[:, None, :] <= t[:, :, None]) & (
         entries.segment_ids[:, None, :] == segment_ids[:, :, None])

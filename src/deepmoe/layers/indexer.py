@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepmoe.config import ModelConfig
+from deepmoe.layers import query_chunks
 from deepmoe.layers.compressor import CompressedEntries, compress, visible
 from deepmoe.layers.precision import einsum_f32
 from deepmoe.layers.rope import apply_rope
@@ -45,9 +46,18 @@ def index_scores(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax
     if keys is None:
         keys = indexer_keys(params, cfg, x, positions, segment_ids, inv_freq)
     q, head_weights = indexer_queries(params, cfg, x, query_latent, positions, inv_freq)
-    scores = score_keys(cfg, q, head_weights, keys.values)
-    mask = visible(keys, segment_ids)
-    return jnp.where(mask, scores, -jnp.inf), mask
+    return _visible_scores(cfg, keys, q, head_weights, _query_rows(segment_ids), segment_ids)
+
+
+def _query_rows(segment_ids: jax.Array) -> jax.Array:
+    """[B, T]: each query's row in the sequence (what the causal rule compares entry ends with)."""
+    return jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+
+
+def _visible_scores(cfg: ModelConfig, keys: CompressedEntries, q: jax.Array, head_weights: jax.Array,
+                    query_rows: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    mask = visible(keys, segment_ids, query_rows)
+    return jnp.where(mask, score_keys(cfg, q, head_weights, keys.values), -jnp.inf), mask
 
 
 def topk_entries(scores: jax.Array, mask: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -70,9 +80,22 @@ def select_topk(scores: jax.Array, mask: jax.Array, k: int) -> jax.Array:
 def csa_selection(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax.Array, positions: jax.Array,
                   segment_ids: jax.Array, inv_freq: np.ndarray, keys: CompressedEntries | None = None,
                   as_indices: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """The CSA selection: a [B, T, N] mask, or with `as_indices` the (indices, valid) pair of `topk_entries`."""
-    scores, mask = index_scores(params, cfg, x, query_latent, positions, segment_ids, inv_freq, keys)
-    scores = jax.lax.stop_gradient(scores)
-    if as_indices:
-        return topk_entries(scores, mask, cfg.indexer_topk)
-    return select_topk(scores, mask, cfg.indexer_topk)
+    """The CSA selection: a [B, T, N] mask, or with `as_indices` the (indices, valid) pair of `topk_entries`.
+
+    Only the selection leaves this function, so when the indexer's float32 logits [B, T, H_I, N] would pass
+    `query_chunks.SCORE_CHUNK_BYTES`, queries are scored and selected a chunk at a time."""
+    if keys is None:
+        keys = indexer_keys(params, cfg, x, positions, segment_ids, inv_freq)
+    keys = jax.lax.stop_gradient(keys._replace(token_kv=None, token_gate=None))  # what scoring reads
+    q, head_weights = jax.lax.stop_gradient(indexer_queries(params, cfg, x, query_latent, positions, inv_freq))
+
+    def select(q, head_weights, query_rows, segment_ids):
+        scores, mask = _visible_scores(cfg, keys, q, head_weights, query_rows, segment_ids)
+        if as_indices:
+            return topk_entries(scores, mask, cfg.indexer_topk)
+        return select_topk(scores, mask, cfg.indexer_topk)
+
+    batch, tokens = segment_ids.shape
+    chunk = query_chunks.rows_per_chunk(tokens, 4 * batch * cfg.indexer_heads * keys.values.shape[1])
+    return query_chunks.map_row_chunks(select, chunk, q, head_weights, _query_rows(segment_ids), segment_ids,
+                                       recompute=False)
