@@ -15,8 +15,8 @@ Per device, for a mesh and the ShardingRules of sharding.py (the layout `shard_p
   remat="full" keeps only each layer's input streams plus one layer's working set; remat="none" keeps every
   layer's working set. Attention is assumed fused (score matrices not stored). float32 logits and their
   gradient for the main head and the MTP head, vocab split over `tensor`. Against XLA:CPU's gradient program
-  (memory-ordered schedule, `small`, fp32, remat="full"): within 7 % at T=512-2048, 1.3-1.4x more at 4096-8192;
-  where XLA's attention (kernels="reference") keeps score buffers of up to `query_chunks.SCORE_CHUNK_BYTES`
+  (memory-ordered schedule, `small`, fp32, remat="full"): within 7 % at T=512-2048, 1.3-1.4x more at 4096-8192.
+  XLA's attention (kernels="reference") keeps score buffers of up to `query_chunks.SCORE_CHUNK_BYTES` per chunk
   (`experiments/memory_vs_context.py`, docs/performance.md).
 * KV cache (infer): bytes per token from `infer/accounting.py` (spec §9.3: V4-Flash 3.51 KB, V4-Pro 5.03 KB in
   the release FP8 layout) x context + the fixed per-sequence state, per sequence on the device. The single

@@ -56,6 +56,7 @@ def _query_rows(segment_ids: jax.Array) -> jax.Array:
 
 def _visible_scores(cfg: ModelConfig, keys: CompressedEntries, q: jax.Array, head_weights: jax.Array,
                     query_rows: jax.Array, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`index_scores` of the queries at `query_rows` (all of them, or a chunk)."""
     mask = visible(keys, segment_ids, query_rows)
     return jnp.where(mask, score_keys(cfg, q, head_weights, keys.values), -jnp.inf), mask
 
