@@ -65,14 +65,18 @@ def sink_softmax_parts(parts: list[jax.Array], sinks: jax.Array) -> list[jax.Arr
 
 
 def sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: jax.Array, sinks: jax.Array,
-                   entries: jax.Array | None = None, entry_mask: jax.Array | None = None) -> jax.Array:
+                   entries: CompressedEntries | None = None,
+                   selection: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """Softmax attention over window keys (+ compressed entries) with a per-head sink.
 
-    q [B, T, H, c]; kv [B, T, c] (keys are values); segment_ids [B, T]; sinks [H];
-    entries [B, N, c] with entry_mask [B, T, N] (which entries each query may use). -> [B, T, H, c]
+    q [B, T, H, c]; kv [B, T, c] (keys are values); segment_ids [B, T]; sinks [H]; entries: the compressed
+    entries (values [B, N, c]); selection: CSA's top-k (indices [B, T, k], valid [B, T, k]: `csa_selection`)
+    or None for every visible entry (HCA). -> [B, T, H, c]. The inputs of `kernel_sink_attention`.
 
     Query blocks of `sliding_window` rows; when their float32 scores over the compressed entries would pass
     `query_chunks.SCORE_CHUNK_BYTES`, they are attended a chunk of blocks at a time, recomputed in the backward.
+    Which entries a query may use is decided inside the chunk too, from the entries' end rows and documents or
+    from the top-k indices: no [B, T, N] mask is built (at 1M tokens, 256 GiB for one CSA layer).
     """
     b, t, h, c = q.shape
     w = cfg.sliding_window
@@ -81,34 +85,47 @@ def sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: j
     index = jnp.arange(q_blocks.shape[1] * w).reshape(-1, w)
     q_index = index[None, :, :, None]  # query row index
     k_index = jnp.concatenate([index - w, index], axis=1)[None, :, None, :]  # [1, nb, 1, 2W]
-    seg_q = _blocks(segment_ids, w, -1)[..., :, None]  # [B, nb, W, 1]
+    seg_q = _blocks(segment_ids, w, -1)  # [B, nb, W]
     seg_k = _with_previous_block(_blocks(segment_ids, w, -2), -2)[:, :, None, :]  # [B, nb, 1, 2W]
-    window_mask = (k_index <= q_index) & (k_index > q_index - w) & (k_index >= 0) & (seg_q == seg_k)
-    blocked = [q_blocks, k_blocks, window_mask]
+    window_mask = (k_index <= q_index) & (k_index > q_index - w) & (k_index >= 0) & (seg_q[..., None] == seg_k)
+    rule = None  # what decides, per query row of the blocks, which entries it may use
     n = 0
     if entries is not None:
-        blocked.append(_blocks(entry_mask, w, False))  # [B, nb, W, N]
-        n = entries.shape[1]
+        n = entries.values.shape[1]
+        if selection is None:  # HCA: every entry visible at the row, in its document
+            rule = {"rows": jnp.broadcast_to(index, seg_q.shape), "segments": seg_q}
+        else:  # CSA: the indexer's top-k; `valid` already says which of them are visible
+            rule = {"indices": _blocks(selection[0], w, 0), "valid": _blocks(selection[1], w, False)}
+        entries = entries._replace(values=entries.values.astype(kv.dtype), token_kv=None, token_gate=None)
     chunk = query_chunks.rows_per_chunk(q_blocks.shape[1], 4 * b * w * h * (2 * w + n))
     attend = functools.partial(_attend_blocks, cfg, sinks, entries)
-    out = query_chunks.map_row_chunks(attend, chunk, *blocked, recompute=True)
+    out = query_chunks.map_row_chunks(attend, chunk, q_blocks, k_blocks, window_mask, rule, recompute=True)
     return out.reshape(b, -1, h, c)[:, :t]
 
 
-def _attend_blocks(cfg: ModelConfig, sinks: jax.Array, entries: jax.Array | None, q_blocks: jax.Array,
-                   k_blocks: jax.Array, window_mask: jax.Array, entry_mask: jax.Array | None = None) -> jax.Array:
+def _entry_mask(entries: CompressedEntries, rule: dict) -> jax.Array:
+    """[B, nb, W, N]: the entries each query row of the blocks may use (`sink_attention`'s rule, [B, nb, W, ...])."""
+    if "indices" in rule:  # top-k indices are distinct: each entry is written at most once per row
+        unused = jnp.zeros((*rule["valid"].shape[:-1], entries.values.shape[1]), bool)
+        return jnp.put_along_axis(unused, rule["indices"], rule["valid"], axis=-1, inplace=False)
+    b, nb, w = rule["rows"].shape
+    return visible(entries, rule["segments"].reshape(b, -1), rule["rows"].reshape(b, -1)).reshape(b, nb, w, -1)
+
+
+def _attend_blocks(cfg: ModelConfig, sinks: jax.Array, entries: CompressedEntries | None, q_blocks: jax.Array,
+                   k_blocks: jax.Array, window_mask: jax.Array, rule: dict | None) -> jax.Array:
     """`sink_attention` of query blocks [B, nb, W, H, c] given their keys [B, nb, 2W, c], window_mask
-    [B, nb, W, 2W] and entry_mask [B, nb, W, N] -> [B, nb, W, H, c]."""
+    [B, nb, W, 2W] and the entries' rule -> [B, nb, W, H, c]."""
     scale = q_blocks.shape[-1] ** -0.5
     logits = einsum(cfg, "bnqhc,bnkc->bnqhk", q_blocks, k_blocks).astype(jnp.float32) * scale
     parts = [jnp.where(window_mask[:, :, :, None, :], logits, NEG_INF)]
     if entries is not None:
-        entry_logits = einsum(cfg, "bnqhc,bkc->bnqhk", q_blocks, entries).astype(jnp.float32) * scale
-        parts.append(jnp.where(entry_mask[:, :, :, None, :], entry_logits, NEG_INF))
+        entry_logits = einsum(cfg, "bnqhc,bkc->bnqhk", q_blocks, entries.values).astype(jnp.float32) * scale
+        parts.append(jnp.where(_entry_mask(entries, rule)[:, :, :, None, :], entry_logits, NEG_INF))
     probs = sink_softmax_parts(parts, sinks)
     out = einsum(cfg, "bnqhk,bnkc->bnqhc", probs[0], k_blocks)
     if entries is not None:
-        out = out + einsum(cfg, "bnqhk,bkc->bnqhc", probs[1], entries)
+        out = out + einsum(cfg, "bnqhk,bkc->bnqhc", probs[1], entries.values)
     return out
 
 
@@ -140,28 +157,11 @@ def output_projection(params: dict, cfg: ModelConfig, out: jax.Array, positions:
 
 def attention_with_state(params: dict, cfg: ModelConfig, layer_type: str, x: jax.Array, positions: jax.Array,
                          segment_ids: jax.Array) -> tuple[jax.Array, AttentionState]:
-    """x [B, T, D] (normed attention input) -> ([B, T, D], the tensors an inference cache is built from)."""
+    """x [B, T, D] (normed attention input) -> ([B, T, D], the tensors an inference cache is built from).
+    The attention core is `pallas_kernels`' when `use_pallas_kernels(cfg)` (no [T, N] score matrices at all),
+    else `sink_attention`."""
     inv_freq = inverse_frequencies(cfg, layer_type)
     query_latent, q, kv = project_query_kv(params, cfg, x, positions, inv_freq)
-
-    if use_pallas_kernels(cfg):
-        return _kernel_attention(params, cfg, layer_type, x, positions, segment_ids, inv_freq, query_latent, q, kv)
-    compressed = index_keys = entries = entry_mask = None
-    if layer_type != SLIDING:
-        compressed = compress(params["compressor"], cfg, x, positions, segment_ids,
-                              ratio=cfg.compress_ratio(layer_type), overlap=layer_type == CSA, inv_freq=inv_freq)
-        entries = compressed.values.astype(kv.dtype)
-        entry_mask = visible(compressed, segment_ids)
-        if layer_type == CSA:
-            index_keys = indexer_keys(params["indexer"], cfg, x, positions, segment_ids, inv_freq)
-            entry_mask = entry_mask & csa_selection(params["indexer"], cfg, x, query_latent, positions,
-                                                    segment_ids, inv_freq, index_keys)
-    out = sink_attention(cfg, q, kv, segment_ids, params["sinks"], entries, entry_mask)
-    return output_projection(params, cfg, out, positions, inv_freq), AttentionState(kv, compressed, index_keys)
-
-
-def _kernel_attention(params, cfg, layer_type, x, positions, segment_ids, inv_freq, query_latent, q, kv):
-    """The same layer with its attention core in `pallas_kernels` (no [T, T] or [T, N] score matrices)."""
     compressed = index_keys = selection = None
     if layer_type != SLIDING:
         compressed = compress(params["compressor"], cfg, x, positions, segment_ids,
@@ -169,8 +169,11 @@ def _kernel_attention(params, cfg, layer_type, x, positions, segment_ids, inv_fr
         if layer_type == CSA:
             index_keys = indexer_keys(params["indexer"], cfg, x, positions, segment_ids, inv_freq)
             selection = csa_selection(params["indexer"], cfg, x, query_latent, positions, segment_ids, inv_freq,
-                                      index_keys, as_indices=True)
-    out = kernel_sink_attention(cfg, q, kv, segment_ids, params["sinks"], compressed, selection, impl="pallas")
+                                      index_keys)
+    if use_pallas_kernels(cfg):
+        out = kernel_sink_attention(cfg, q, kv, segment_ids, params["sinks"], compressed, selection, impl="pallas")
+    else:
+        out = sink_attention(cfg, q, kv, segment_ids, params["sinks"], compressed, selection)
     return output_projection(params, cfg, out, positions, inv_freq), AttentionState(kv, compressed, index_keys)
 
 

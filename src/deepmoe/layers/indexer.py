@@ -79,9 +79,9 @@ def select_topk(scores: jax.Array, mask: jax.Array, k: int) -> jax.Array:
 
 
 def csa_selection(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax.Array, positions: jax.Array,
-                  segment_ids: jax.Array, inv_freq: np.ndarray, keys: CompressedEntries | None = None,
-                  as_indices: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """The CSA selection: a [B, T, N] mask, or with `as_indices` the (indices, valid) pair of `topk_entries`.
+                  segment_ids: jax.Array, inv_freq: np.ndarray, keys: CompressedEntries | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """The CSA selection: `topk_entries`' (indices [B, T, k], valid [B, T, k]) of the indexer's scores.
 
     Only the selection leaves this function, so when the indexer's float32 logits [B, T, H_I, N] would pass
     `query_chunks.SCORE_CHUNK_BYTES`, queries are scored and selected a chunk at a time."""
@@ -91,10 +91,7 @@ def csa_selection(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: ja
     q, head_weights = jax.lax.stop_gradient(indexer_queries(params, cfg, x, query_latent, positions, inv_freq))
 
     def select(q, head_weights, query_rows, segment_ids):
-        scores, mask = _visible_scores(cfg, keys, q, head_weights, query_rows, segment_ids)
-        if as_indices:
-            return topk_entries(scores, mask, cfg.indexer_topk)
-        return select_topk(scores, mask, cfg.indexer_topk)
+        return topk_entries(*_visible_scores(cfg, keys, q, head_weights, query_rows, segment_ids), cfg.indexer_topk)
 
     batch, tokens = segment_ids.shape
     chunk = query_chunks.rows_per_chunk(tokens, 4 * batch * cfg.indexer_heads * keys.values.shape[1])

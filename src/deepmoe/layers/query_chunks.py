@@ -30,14 +30,15 @@ def rows_per_chunk(rows: int, bytes_per_row: float, budget: int | None = None) -
     return -(-rows // count)
 
 
-def map_row_chunks(fn: Callable[..., Any], chunk: int, *xs: jax.Array, recompute: bool) -> Any:
-    """fn(*xs) where every x is [B, R, ...], computed over chunks of `chunk` rows (axis 1) one after another.
+def map_row_chunks(fn: Callable[..., Any], chunk: int, *xs: Any, recompute: bool) -> Any:
+    """fn(*xs) where every array in the pytrees xs is [B, R, ...], computed over chunks of `chunk` rows (axis 1)
+    one after another.
 
     fn must treat rows independently and return [B, R, ...] arrays (or a tuple of them). Rows are padded with
     zeros up to a multiple of `chunk` and the result is cut back. With `recompute`, the backward pass recomputes
     each chunk's intermediates from its inputs (jax.checkpoint) rather than keeping every chunk's: what bounds
     the memory of a differentiated chunk to one chunk's scores."""
-    rows = xs[0].shape[1]
+    rows = jax.tree.leaves(xs)[0].shape[1]
     if chunk >= rows:
         return fn(*xs)
     count = -(-rows // chunk)
@@ -52,4 +53,4 @@ def map_row_chunks(fn: Callable[..., Any], chunk: int, *xs: jax.Array, recompute
         out = jnp.moveaxis(out, 0, 1)
         return out.reshape(out.shape[0], count * chunk, *out.shape[3:])[:, :rows]
 
-    return jax.tree.map(join, jax.lax.map(body, tuple(split(x) for x in xs)))
+    return jax.tree.map(join, jax.lax.map(body, jax.tree.map(split, xs)))
