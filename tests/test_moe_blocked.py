@@ -2,11 +2,13 @@
 routing: balanced, one expert taking every copy (the most padding), experts left empty, blocks that straddle;
 whatever the split between the batched lanes and the overflow loop (all copies in the loop, lanes so short
 that most copies overflow, the default); over per-expert weight arrays (the inference layout) too, and every
-strategy accepts those. The loop's static block count covers every possible routing (brute force). The sorted
-MoE on the Pallas grouped matmul (GPU default with Pallas kernels; interpreted here) equals it too."""
+strategy accepts those. The loop's static block count covers every possible routing (brute force). Rows are
+written to distinct slots, so their writes differentiate as plain scatters. The sorted MoE on the Pallas grouped
+matmul (GPU default with Pallas kernels; interpreted here) equals it too."""
 
 import functools
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +121,22 @@ def test_blocks_past_the_used_count_are_not_multiplied():
     out = blocked.expert_ffn(10.0, x, jnp.ones((4, 2)), w_gate, w_gate, w_down, jnp.array([0, 1, 1, 1]), jnp.int32(2))
     silu_one = 1 / (1 + np.exp(-1.0))
     np.testing.assert_allclose(np.asarray(out[:, 0, 0]), [silu_one, 2 * silu_one, 0.0, 0.0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("lanes", [0, 8, None])
+def test_rows_are_written_to_distinct_slots(lanes):
+    """Every row written into the lanes or the loop's blocks has a slot of its own (the rows a buffer does not
+    take too, past its end), so JAX differentiates the writes as plain scatters. Writes that may repeat an index
+    would differentiate through a scatter of unsigned ids, one per element, to find which write won."""
+    rng = np.random.default_rng(3)
+    params, x = _experts_and_input(3, 1, 37, 0.3)
+    expert_ids = jnp.asarray(_routing("skewed", 1, 37, rng), jnp.int32)  # lanes overflow into the loop
+    weights = jnp.ones(expert_ids.shape, jnp.float32)
+    loss = lambda p, x, w: blocked.run(p, CFG, x, expert_ids, w, lanes=lanes).sum()
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(params, x, weights))
+    scattered = re.findall(r"\w+:(\w+)\[[\d,]*\] = scatter\b", jaxpr)
+    assert "f32" in scattered  # the rows' writes themselves
+    assert not [dtype for dtype in scattered if dtype.startswith("u")], scattered
 
 
 @pytest.mark.parametrize("kind", ["balanced", "skewed"])

@@ -83,12 +83,13 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     padded_sizes = -(-jnp.maximum(group_sizes - lane, 0) // block) * block
     padded_end = jnp.cumsum(padded_sizes)
     in_loop = rank >= lane
-    slot = jnp.where(in_loop, (padded_end - padded_sizes)[sorted_experts] + rank - lane, blocks * block)
+    # a copy a buffer does not take gets its own slot past the buffer's end (dropped): every slot stays distinct
+    past_end = jnp.arange(copies)
+    slot = jnp.where(in_loop, (padded_end - padded_sizes)[sorted_experts] + rank - lane, blocks * block + past_end)
     block_expert = jnp.minimum(jnp.searchsorted(padded_end, jnp.arange(blocks) * block, side="right"), e - 1)
     used = padded_end[-1] // block  # blocks holding copies; the rest of the static count stay zero
-    # with lanes, their copies' slots point past the end and are dropped; without, every slot is distinct
-    padded = _place(rows, slot, (blocks, block), unique=not lane)
-    padded_weights = _place(row_weights, slot, (blocks, block), unique=not lane)
+    padded = _place(rows, slot, (blocks, block))
+    padded_weights = _place(row_weights, slot, (blocks, block))
     stacks = None if split else [params[name].astype(dtype) for name in EXPERT_WEIGHTS]
     if split:
         experts = [tuple(w.astype(dtype) for w in matrices) for matrices in expert_matrices(params)]
@@ -96,7 +97,7 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     elif not lane:
         out = expert_ffn(cfg.swiglu_limit, padded, padded_weights, *stacks, block_expert, used)
     else:
-        lane_slot = jnp.where(in_loop, e * lane, sorted_experts * lane + rank)
+        lane_slot = jnp.where(in_loop, e * lane + past_end, sorted_experts * lane + rank)
         lane_out, out = lanes_and_loop_ffn(cfg.swiglu_limit, _place(rows, lane_slot, (e, lane)),
                                            _place(row_weights, lane_slot, (e, lane)), padded, padded_weights,
                                            *stacks, block_expert, used)
@@ -107,12 +108,14 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
     return out_sorted[jnp.argsort(order)].reshape(b, t, k, d).sum(axis=2)
 
 
-def _place(values: jax.Array, index: jax.Array, shape: tuple[int, int], unique: bool = False) -> jax.Array:
-    """Rows values[i] written to row index[i] of a zero [prod(shape), ...] buffer reshaped to [*shape, ...];
-    indices past its end are dropped."""
+def _place(values: jax.Array, index: jax.Array, shape: tuple[int, int]) -> jax.Array:
+    """Rows values[i] written to row index[i] (distinct) of a zero [prod(shape), ...] buffer reshaped to
+    [*shape, ...]; indices past its end are dropped. Distinct indices let JAX differentiate the write as a plain
+    scatter: with repeats, its JVP scatters an id per element to find which write won (a u32 buffer the size of
+    the lanes, and a select over the rows)."""
     size = shape[0] * shape[1]
     buffer = jnp.zeros((size, *values.shape[1:]), values.dtype)
-    return buffer.at[index].set(values, mode="drop", unique_indices=unique).reshape(*shape, *values.shape[1:])
+    return buffer.at[index].set(values, mode="drop", unique_indices=True).reshape(*shape, *values.shape[1:])
 
 
 def _matmul(spec: str, a: jax.Array, w: jax.Array) -> jax.Array:
