@@ -60,6 +60,20 @@ def test_a_mesh_without_the_schedule_flag_is_warned_about(fresh_options, monkeyp
     assert "deadlock" not in caplog.text
 
 
+def test_one_device_under_xla_s_default_schedule_is_warned_about(fresh_options, monkeypatch, caplog):
+    # one device: no deadlock, but a gradient program's recomputed layers all live at once
+    monkeypatch.setattr(xla_options.jax, "device_count", lambda: 1)
+    for flags, warned in [("", True), (xla_options.SCHEDULE_FLAG, False),
+                          ("--xla_cpu_enable_concurrency_optimized_scheduler=true", False)]:  # the user's choice
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        xla_options.compiler_options.cache_clear()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=xla_options.__name__):
+            xla_options.compiler_options()
+        assert ("keep_host_buffers" in caplog.text) == warned, flags
+        assert "deadlock" not in caplog.text
+
+
 _SCHEDULE_SCRIPT = """
 import json
 from deepmoe.backend.xla_options import use_memory_ordered_schedule
