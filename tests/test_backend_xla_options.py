@@ -60,7 +60,7 @@ def test_a_mesh_without_the_schedule_flag_is_warned_about(fresh_options, monkeyp
     assert "deadlock" not in caplog.text
 
 
-def test_one_device_under_xla_s_default_schedule_is_warned_about(fresh_options, monkeypatch, caplog):
+def test_one_device_under_the_default_schedule_is_warned_about(fresh_options, monkeypatch, caplog):
     # one device: no deadlock, but a gradient program's recomputed layers all live at once
     monkeypatch.setattr(xla_options.jax, "device_count", lambda: 1)
     for flags, warned in [("", True), (xla_options.SCHEDULE_FLAG, False),

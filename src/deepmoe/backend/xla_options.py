@@ -70,7 +70,7 @@ def compiler_options() -> dict[str, str] | None:
         log.warning("XLA:CPU over %d devices without %s in XLA_FLAGS: collectives can deadlock (XLA aborts after "
                     "40 s). Call deepmoe.backend.host_memory.keep_host_buffers() before JAX starts, or set the flag.",
                     jax.device_count(), SCHEDULE_FLAG)
-    elif SCHEDULE_FLAG.partition("=")[0] not in flags:  # a user who set the flag either way chose
+    elif SCHEDULE_FLAG.partition("=")[0] not in flags:  # the flag set either way: the user's choice
         log.warning("XLA:CPU's default schedule (no %s in XLA_FLAGS) keeps a train step's recomputed layers live "
                     "together: `small`'s gradients at 8K tokens hold 8.9 GiB of temporaries, 1.6 GiB under the "
                     "memory-ordered schedule. Call deepmoe.backend.host_memory.keep_host_buffers() before JAX "
