@@ -25,7 +25,7 @@ compiled = fn.lower(x, w).compile()
 temp = compiled.memory_analysis().temp_size_in_bytes
 jax.block_until_ready(compiled(x, w))
 faults = []
-for _ in range(3):
+for _ in range(8):  # glibc may place the next few temp buffers elsewhere in its heap before it settles
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(compiled(x, w))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -44,7 +44,8 @@ def test_temp_buffer_is_not_faulted_in_again():
     off, on = _run("0"), _run("1")
     assert off["status"].startswith("off") and on["status"] == "on"
     assert on["temp_pages"] > 64 * 2**20 // 4096  # above what a per-thread malloc arena can hold
-    # Without the settings each run faults in (most of) its fresh temp buffer; with them, almost nothing.
+    # Without the settings each run faults in (most of) its fresh temp buffer; with them, almost nothing once the
+    # heap has settled (seen on a 2-vCPU host: a run or two after the first faulting the whole buffer in again).
     assert off["faults"] > on["temp_pages"] // 2
     assert on["faults"] < on["temp_pages"] // 20
 
