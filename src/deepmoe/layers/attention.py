@@ -21,7 +21,7 @@ import numpy as np
 from deepmoe.config import CSA, SLIDING, ModelConfig
 from deepmoe.layers import query_chunks
 from deepmoe.layers.compressor import CompressedEntries, compress, visible
-from deepmoe.layers.indexer import csa_selection, indexer_keys
+from deepmoe.layers.indexer import csa_selection, indexer_keys, selection_mask
 from deepmoe.layers.kernel_attention import kernel_sink_attention
 from deepmoe.layers.kernels import use_pallas_kernels
 from deepmoe.layers.norms import rms_norm
@@ -105,9 +105,8 @@ def sink_attention(cfg: ModelConfig, q: jax.Array, kv: jax.Array, segment_ids: j
 
 def _entry_mask(entries: CompressedEntries, rule: dict) -> jax.Array:
     """[B, nb, W, N]: the entries each query row of the blocks may use (`sink_attention`'s rule, [B, nb, W, ...])."""
-    if "indices" in rule:  # top-k indices are distinct: each entry is written at most once per row
-        unused = jnp.zeros((*rule["valid"].shape[:-1], entries.values.shape[1]), bool)
-        return jnp.put_along_axis(unused, rule["indices"], rule["valid"], axis=-1, inplace=False)
+    if "indices" in rule:
+        return selection_mask(rule["indices"], rule["valid"], entries.values.shape[1])
     b, nb, w = rule["rows"].shape
     return visible(entries, rule["segments"].reshape(b, -1), rule["rows"].reshape(b, -1)).reshape(b, nb, w, -1)
 

@@ -73,9 +73,14 @@ def select_topk(scores: jax.Array, mask: jax.Array, k: int) -> jax.Array:
     """[B, T, N] bool: the top-k visible entries per query (all visible ones when fewer than k)."""
     if min(k, scores.shape[-1]) == 0:
         return mask
-    chosen, _ = topk_entries(scores, mask, k)
-    selected = jnp.put_along_axis(jnp.zeros(scores.shape, bool), chosen, True, axis=-1, inplace=False)
-    return selected & mask
+    return selection_mask(*topk_entries(scores, mask, k), scores.shape[-1])
+
+
+def selection_mask(indices: jax.Array, valid: jax.Array, entries: int) -> jax.Array:
+    """[..., entries] bool from `topk_entries`' (indices, valid) [..., k]: True at the valid chosen entries. A
+    row's indices are distinct (lax.top_k), so each entry is written at most once."""
+    unused = jnp.zeros((*valid.shape[:-1], entries), bool)
+    return jnp.put_along_axis(unused, indices, valid, axis=-1, inplace=False)
 
 
 def csa_selection(params: dict, cfg: ModelConfig, x: jax.Array, query_latent: jax.Array, positions: jax.Array,
