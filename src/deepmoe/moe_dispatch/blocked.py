@@ -101,10 +101,12 @@ def run(params: dict, cfg, x: jax.Array, expert_ids: jax.Array, weights: jax.Arr
         lane_out, out = lanes_and_loop_ffn(cfg.swiglu_limit, _place(rows, lane_slot, (e, lane)),
                                            _place(row_weights, lane_slot, (e, lane)), padded, padded_weights,
                                            *stacks, block_expert, used)
-    out_sorted = out.reshape(-1, d)[jnp.minimum(slot, blocks * block - 1)].astype(jnp.float32)
+    # Each copy's output from the buffer that holds it: a gather from each, the other's slot past its end
+    # reading zeros. Differentiated, that is two gathers' cotangents and an add, where clamped gathers and a
+    # `where` over the copies added two [copies, d] selects and a zero operand (docs/performance.md, 26th session).
+    out_sorted = _take(out.reshape(-1, d), slot)
     if lane:
-        out_sorted = jnp.where(in_loop[:, None], out_sorted,
-                               lane_out.reshape(e * lane, d)[jnp.minimum(lane_slot, e * lane - 1)].astype(jnp.float32))
+        out_sorted = out_sorted + _take(lane_out.reshape(e * lane, d), lane_slot)
     return out_sorted[jnp.argsort(order)].reshape(b, t, k, d).sum(axis=2)
 
 
@@ -116,6 +118,11 @@ def _place(values: jax.Array, index: jax.Array, shape: tuple[int, int]) -> jax.A
     size = shape[0] * shape[1]
     buffer = jnp.zeros((size, *values.shape[1:]), values.dtype)
     return buffer.at[index].set(values, mode="drop", unique_indices=True).reshape(*shape, *values.shape[1:])
+
+
+def _take(buffer: jax.Array, index: jax.Array) -> jax.Array:
+    """Rows buffer[index] in float32, zero where index is past the buffer's end."""
+    return buffer.at[index].get(mode="fill", fill_value=0).astype(jnp.float32)
 
 
 def _matmul(spec: str, a: jax.Array, w: jax.Array) -> jax.Array:
