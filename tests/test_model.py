@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import deepmoe as dm
+from deepmoe.layers.attention import grouped_product
 from deepmoe.layers.hyper import sinkhorn, weighted_stream_sum
 from deepmoe.layers.precision import einsum
 
@@ -139,6 +140,47 @@ def test_weighted_stream_sum_and_its_gradients_match_numpy(outputs):
     dw, ds = jax.grad(lambda w, s: jnp.sum(weighted_stream_sum(w, s) * g), argnums=(0, 1))(w, s)
     np.testing.assert_allclose(dw, np.einsum("btjd,btmd->btjm", s, g), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(ds, np.einsum("btjm,btmd->btjd", w, g), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_product_and_its_gradients_match_numpy(dtype):
+    """The grouped output projection's per-group products (custom VJP, XLA:CPU) against numpy's einsum and the
+    analytic gradients of sum(out * G): dx[g] = G[g] w[g]^T, dw[g] = x[g]^T G[g]."""
+    cfg = F32.replace(compute_dtype=dtype)
+    kx, kw, kg = jax.random.split(jax.random.key(8), 3)
+    x = jax.random.normal(kx, (2, 5, 3, 16))
+    w = jax.random.normal(kw, (3, 16, 8))
+    g = np.asarray(jax.random.normal(kg, (2, 5, 3, 8)))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == "float32" else dict(rtol=5e-2, atol=1e-1)
+    out = grouped_product(cfg, x, w)
+    assert out.dtype == jnp.dtype(dtype)
+    np.testing.assert_allclose(out.astype(jnp.float32), np.einsum("btgi,gil->btgl", x, w), **tol)
+    dx, dw = jax.grad(lambda x, w: jnp.sum(grouped_product(cfg, x, w).astype(jnp.float32) * g), argnums=(0, 1))(x, w)
+    assert dx.dtype == x.dtype and dw.dtype == w.dtype
+    np.testing.assert_allclose(dx, np.einsum("btgl,gil->btgi", g, w), **tol)
+    np.testing.assert_allclose(dw, np.einsum("btgi,btgl->gil", x, g), **tol)
+
+
+def test_output_projection_is_the_same_on_cpu_and_as_traced_for_gpu():
+    """XLA:CPU takes the grouped product per group (grouped_product); traced for another platform it is one
+    batched einsum. Both run here on the CPU and give the same projection."""
+    import pallas_kernels as pk
+
+    from deepmoe.layers.attention import output_projection
+    from deepmoe.layers.rope import inverse_frequencies
+
+    g, latent = F32.output_groups, F32.output_group_latent_dim
+    kg, ko, kx = jax.random.split(jax.random.key(9), 3)
+    params = {"o_group_proj": jax.random.normal(kg, (g, F32.output_group_input_dim, latent)),
+              "o_proj": jax.random.normal(ko, (g, latent, F32.hidden_size))}
+    out = jax.random.normal(kx, (1, 12, F32.num_heads, F32.head_dim))
+    positions = jnp.arange(12)[None]
+    inv_freq = inverse_frequencies(F32, "sliding_attention")
+    project = lambda: jax.jit(lambda p, o: output_projection(p, F32, o, positions, inv_freq))(params, out)
+    on_cpu = project()
+    with pk.target_platform("gpu"):
+        as_for_gpu = project()
+    np.testing.assert_allclose(on_cpu, as_for_gpu, rtol=1e-5, atol=1e-4)
 
 
 def test_mtp_logits_follow_the_next_token(tiny_params, forward_f32, ids):
