@@ -166,6 +166,7 @@ def test_output_projection_is_the_same_on_cpu_and_as_traced_for_gpu():
     batched einsum. Both run here on the CPU and give the same projection."""
     import pallas_kernels as pk
 
+    from deepmoe.config import SLIDING
     from deepmoe.layers.attention import output_projection
     from deepmoe.layers.rope import inverse_frequencies
 
@@ -175,7 +176,7 @@ def test_output_projection_is_the_same_on_cpu_and_as_traced_for_gpu():
               "o_proj": jax.random.normal(ko, (g, latent, F32.hidden_size))}
     out = jax.random.normal(kx, (1, 12, F32.num_heads, F32.head_dim))
     positions = jnp.arange(12)[None]
-    inv_freq = inverse_frequencies(F32, "sliding_attention")
+    inv_freq = inverse_frequencies(F32, SLIDING)
     project = lambda: jax.jit(lambda p, o: output_projection(p, F32, o, positions, inv_freq))(params, out)
     on_cpu = project()
     with pk.target_platform("gpu"):
